@@ -1,0 +1,253 @@
+"""Dense Qwen3 as a Flax NNX module, computing what Hugging Face's `Qwen3ForCausalLM` computes (SPEC 2).
+
+Rows may be packed: `segment_ids` (0 = padding) keep attention inside one sequence, and `positions`
+restart per sequence. Decoding uses a `KVCache` whose slots carry segment ids too, so padded prompts and
+generated tokens share one masking rule: a query sees the earlier-or-equal slots of its own segment.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from kimina_jax.models.config import Qwen3Config
+
+AttentionImpl = Literal["xla", "dot_product"]
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, next write slot."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    segment_ids: jax.Array  # [batch, slots] int32, 0 = empty
+    index: jax.Array  # int32 scalar: slot where the next tokens are written
+
+    @classmethod
+    def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            values=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            segment_ids=jnp.zeros((batch, slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32 whatever the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """RoPE in HF's half-rotation layout; x [B, T, heads, D], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segments, k_segments, q_slots, k_slots) -> jax.Array:
+    """[B, T, S] bool: same non-padding segment, key slot not after the query slot (slots are [T], [S])."""
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    return same & (k_slots[None, None, :] <= q_slots[None, :, None])
+
+
+def _xla_attention(q, k, v, mask, scale):
+    b, t, n_q, d = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, t, n_kv, n_q // n_kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n_q, d).astype(v.dtype)
+
+
+def _fused_attention(q, k, v, mask, scale):
+    # jax.nn.dot_product_attention picks cuDNN flash attention on GPU where it applies, XLA elsewhere.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale)
+
+
+_ATTENTION = {"xla": _xla_attention, "dot_product": _fused_attention}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
+        if attention_impl not in _ATTENTION:
+            raise ValueError(f"attention_impl must be one of {sorted(_ATTENTION)}, got {attention_impl!r}")
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        d, h = cfg.head_dim, cfg.hidden_size
+        linear = lambda i, o: nnx.Linear(  # noqa: E731
+            i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.initializers.normal(0.02),
+        )
+        self.q_proj = linear(h, cfg.num_attention_heads * d)
+        self.k_proj = linear(h, cfg.num_key_value_heads * d)
+        self.v_proj = linear(h, cfg.num_key_value_heads * d)
+        self.o_proj = linear(cfg.num_attention_heads * d, h)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim))
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = rotary(q, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta)
+        q_slots = jnp.arange(t, dtype=jnp.int32)
+        if layer_cache is None:
+            k_all, v_all, k_segments, k_slots = k, v, segment_ids, q_slots
+        else:
+            cached_k, cached_v = layer_cache
+            k_all = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
+            k_segments, k_slots = cache_segments, jnp.arange(k_all.shape[1], dtype=jnp.int32)
+            q_slots = q_slots + cache_index
+        mask = attention_mask(segment_ids, k_segments, q_slots, k_slots)
+        out = _ATTENTION[self.attention_impl](
+            q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_dim**-0.5
+        )
+        new_cache = None if layer_cache is None else (k_all, v_all)
+        return self.o_proj(out.reshape(b, t, -1)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        linear = lambda i, o: nnx.Linear(  # noqa: E731
+            i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.initializers.normal(0.02),
+        )
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(
+            cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None):
+        attn, new_cache = self.self_attn(
+            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments
+        )
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+
+
+class Qwen3Model(nnx.Module):
+    """Embedding, decoder layers and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, remat, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=nnx.initializers.normal(0.02),
+        )
+        self.layers = nnx.List(
+            DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.remat = remat
+
+    def __call__(self, input_ids, positions, segment_ids, cache: KVCache | None = None):
+        x = self.embed_tokens(input_ids)
+        new_keys, new_values = [], []
+        cache_segments = None
+        if cache is not None:
+            cache_segments = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1
+            )
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            call = nnx.remat(lambda mod, *a: mod(*a)) if self.remat and cache is None else (lambda mod, *a: mod(*a))
+            index = None if cache is None else cache.index
+            x, kv = call(layer, x, positions, segment_ids, layer_cache, index, cache_segments)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(
+                keys=tuple(new_keys),
+                values=tuple(new_values),
+                segment_ids=cache_segments,
+                index=cache.index + input_ids.shape[1],
+            )
+        return self.norm(x), new_cache
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 with its language-model head; tied heads reuse the embedding matrix."""
+
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_impl: AttentionImpl = "xla",
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.model = Qwen3Model(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat, rngs=rngs
+        )
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs, kernel_init=nnx.initializers.normal(0.02),
+            )
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Final-normed hidden states [B, T, H] (and the updated cache). Defaults: one unpadded sequence."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        return self.model(input_ids, positions, segment_ids, cache)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The output projection as [hidden, vocab] in the compute dtype."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...].T.astype(self.dtype)
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits for hidden states [..., H]."""
+        return jnp.dot(hidden.astype(self.dtype), self.lm_head_kernel(), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """(logits [B, T, vocab] float32, updated cache or None)."""
+        hidden, new_cache = self.hidden_states(input_ids, positions, segment_ids, cache)
+        return self.logits(hidden), new_cache
