@@ -155,7 +155,8 @@ def _param_shardings(state: nnx.State, mesh) -> dict | None:
         return None
     from kimina_jax.parallel import param_shardings
 
-    return dict(nnx.to_flat_state(param_shardings(state, mesh)))
+    flat = nnx.to_flat_state(param_shardings(state, mesh))
+    return {path: v.get_value() if isinstance(v, nnx.Variable) else v for path, v in flat}
 
 
 def _flat_params(model: Qwen3ForCausalLM) -> dict:

@@ -1,0 +1,367 @@
+"""Client for the Kimina Lean Server (SPEC 11): batched, bounded, retrying, cached, never losing a snippet.
+
+How a server reply becomes a `Verdict` (SPEC 6):
+- `valid`: a command response with no `error`-severity message and no sorries (warnings allowed).
+- `sorry`: sorries and no errors; `lean_error`: an error message; `repl_error`: the REPL answered `{"message": ...}`;
+  `timeout`: the server's Lean timeout (`Lean REPL command timed out in N seconds`). These four are acc 0.
+- `server_error`: the server kept answering this snippet with an error about its own machinery (`No available
+  REPLs`, REPL died, header import timed out, ...) after all retries; `unverified`: no usable answer after all
+  retries (connection refused, HTTP 429/5xx/499/504, transport timeout). Neither judges the proof: the trainer
+  leaves them out of the loss and of accuracy (`Verdict.is_verified` is False).
+HTTP 401 (bad or missing key), 422 (bad request) and other client errors are not retried: they raise KiminaError.
+
+The client runs its own event loop in a background thread with one pooled `httpx.AsyncClient`, so the trainer can
+`submit()` snippets as completions arrive and collect verdicts later, call `check_sync()` from plain code, or
+`await check()` from any event loop.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import random
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import httpx
+
+from kimina_jax.errors import KiminaError
+from kimina_jax.reward.lean_text import split_header
+from kimina_jax.types import Verdict
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_HTTP_STATUSES = frozenset({408, 425, 429, 499, 500, 502, 503, 504})
+
+
+def verdict_from_result(result: dict, line_offset: int) -> Verdict | None:
+    """The verdict for one entry of `/api/check`'s `results`, or None when the entry asks for a retry."""
+    time_s = float(result.get("time") or 0.0)
+    error = result.get("error")
+    if error:
+        if "timed out" in error and "header" not in error:
+            return Verdict("timeout", time_s=time_s, error=error, line_offset=line_offset)
+        return None  # no free REPL, REPL died, header import timed out...: the server's trouble, not the proof's
+    response = result.get("response")
+    if not isinstance(response, dict):
+        return None
+    if "message" in response:
+        return Verdict("repl_error", time_s=time_s, error=str(response["message"]), line_offset=line_offset)
+    messages = tuple(response.get("messages") or ())
+    if any(m.get("severity") == "error" for m in messages):
+        status = "lean_error"
+    elif response.get("sorries"):
+        status = "sorry"
+    else:
+        status = "valid"
+    return Verdict(status, messages=messages, time_s=time_s, line_offset=line_offset)
+
+
+class Verifier(abc.ABC):
+    """What the trainer needs from a verifier: verdicts for Lean snippets, in input order."""
+
+    @abc.abstractmethod
+    def submit(self, snippets: Iterable[str]) -> list[concurrent.futures.Future[Verdict]]:
+        """Start checking `snippets` now; one future per snippet, in order."""
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """Whether the verifier can answer now."""
+
+    def close(self) -> None:
+        """Release what the verifier holds."""
+
+    @staticmethod
+    def collect(futures: Sequence[concurrent.futures.Future[Verdict]]) -> list[Verdict]:
+        """Wait for the verdicts of earlier `submit` calls."""
+        return [future.result() for future in futures]
+
+    def check_sync(self, snippets: Iterable[str]) -> list[Verdict]:
+        """Verdicts for `snippets`, in order (blocking)."""
+        return self.collect(self.submit(snippets))
+
+    async def check(self, snippets: Iterable[str]) -> list[Verdict]:
+        """Verdicts for `snippets`, in order (from any event loop)."""
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit(snippets))))
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One distinct code being checked, and every future waiting for its verdict."""
+
+    code: str
+    futures: list[concurrent.futures.Future[Verdict]]
+    attempts: int = 0
+
+
+def _resolve(future: concurrent.futures.Future[Verdict], verdict: Verdict) -> None:
+    if not future.done():
+        future.set_result(verdict)
+
+
+class LeanClient(Verifier):
+    """HTTP client of the Kimina Lean Server. Defaults are the recipe's (SPEC 6).
+
+    url: server address, e.g. `http://localhost` (`LEAN_SERVER_API_URL`); api_key: sent as `Authorization:
+    Bearer` when set, never logged. timeout_s: Lean's time per snippet. batch_size snippets per request, at most
+    max_in_flight requests at once, `retries` retries per snippet with exponential backoff (backoff_s doubling,
+    capped at backoff_max_s, jitter x0.5..1.5). http_timeout_s: transport timeout of one request; the default
+    outlasts the server's own safety timeout (timeout_s x snippets + 10 s) so the server gives up first.
+    cache_size: verdicts kept by exact code (0 disables). message_lines: what the server's message line numbers
+    count from: "body" (the code after its import header: server 2.0.0 and kimina-ast-server 2.1.3) or "code"
+    (the whole snippet: later upstream builds that shift them back).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: int = 60,
+        batch_size: int = 8,
+        max_in_flight: int = 40,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        http_timeout_s: float | None = None,
+        cache_size: int = 100_000,
+        message_lines: Literal["body", "code"] = "body",
+        batch_linger_s: float = 0.02,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise KiminaError(f"LeanClient url: expected http(s)://host[:port], got {url!r}")
+        for name, value in (("timeout_s", timeout_s), ("batch_size", batch_size), ("max_in_flight", max_in_flight)):
+            if value < 1:
+                raise KiminaError(f"LeanClient {name}: must be >= 1, got {value}")
+        if retries < 0 or cache_size < 0:
+            raise KiminaError(f"LeanClient retries / cache_size: must be >= 0, got {retries} / {cache_size}")
+        if message_lines not in ("body", "code"):
+            raise KiminaError(f"LeanClient message_lines: expected 'body' or 'code', got {message_lines!r}")
+        self.url = url.rstrip("/")
+        self.timeout_s = int(timeout_s)
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.http_timeout_s = http_timeout_s or float(timeout_s * batch_size + 30)
+        self.cache_size = cache_size
+        self.message_lines = message_lines
+        self.batch_linger_s = batch_linger_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+        self.requests = 0  # HTTP requests sent to /api/check, retries included
+        self.retried = 0  # snippet retries scheduled
+        self.cache_hits = 0  # answered from the cache or joined an identical snippet in flight
+        self.cache_misses = 0
+        self.status_counts: collections.Counter[str] = collections.Counter()
+
+        self._cache: collections.OrderedDict[str, Verdict] = collections.OrderedDict()
+        self._in_flight: dict[str, _Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lean-client", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+
+    def __repr__(self) -> str:
+        return f"LeanClient(url={self.url!r}, batch_size={self.batch_size}, max_in_flight={self.max_in_flight})"
+
+    @property
+    def cache_hit_rate(self) -> float:
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total else 0.0
+
+    async def _start(self) -> None:
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self.http_timeout_s, connect=min(10.0, self.http_timeout_s)),
+            limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight),
+        )
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    def submit(self, snippets: Iterable[str]) -> list[concurrent.futures.Future[Verdict]]:
+        if self._closed:
+            raise KiminaError("LeanClient.submit: the client is closed")
+        codes = list(snippets)
+        for i, code in enumerate(codes):
+            if not isinstance(code, str):
+                raise KiminaError(f"LeanClient.submit: snippet {i} is {type(code).__name__}, expected str")
+        futures: list[concurrent.futures.Future[Verdict]] = [concurrent.futures.Future() for _ in codes]
+        self._loop.call_soon_threadsafe(self._enqueue, codes, futures)
+        return futures
+
+    def health(self) -> bool:
+        async def probe() -> bool:
+            response = await self._http.get("/health", timeout=10.0)
+            return response.status_code == 200 and response.json().get("status") == "ok"
+
+        try:
+            return asyncio.run_coroutine_threadsafe(probe(), self._loop).result()
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    # -- inside the client's event loop ------------------------------------------------------------------------
+
+    def _enqueue(self, codes: list[str], futures: list[concurrent.futures.Future[Verdict]]) -> None:
+        for code, future in zip(codes, futures, strict=True):
+            if code in self._cache:
+                self._cache.move_to_end(code)
+                self.cache_hits += 1
+                _resolve(future, self._cache[code])
+            elif code in self._in_flight:
+                self.cache_hits += 1
+                self._in_flight[code].futures.append(future)
+            else:
+                self.cache_misses += 1
+                job = self._in_flight[code] = _Job(code, [future])
+                self._queue.put_nowait(job)
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = [await self._queue.get()]
+            if self._queue.qsize() < self.batch_size - 1:
+                await asyncio.sleep(self.batch_linger_s)  # let snippets submitted one by one share a request
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            task = asyncio.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, jobs: list[_Job]) -> None:
+        try:
+            await self._post(jobs)
+        except Exception as exc:  # a bug here must not leave futures waiting forever
+            self._fail(jobs, exc)
+
+    async def _post(self, jobs: list[_Job]) -> None:
+        payload = {
+            "snippets": [{"id": str(i), "code": job.code} for i, job in enumerate(jobs)],
+            "timeout": self.timeout_s,
+            "debug": False,
+            "reuse": True,
+            "infotree": None,
+        }
+        self.requests += 1
+        try:
+            response = await self._http.post("/api/check", json=payload)
+        except httpx.TransportError as exc:
+            self._retry(jobs, f"{type(exc).__name__} talking to {self.url}: {exc}".rstrip(": "), "unverified")
+            return
+        finally:
+            self._slots.release()
+
+        if response.status_code == 200:
+            results = self._results_by_id(response)
+            if results is None:
+                self._retry(jobs, f"malformed reply from {self.url}/api/check: {response.text[:200]!r}", "unverified")
+                return
+            retry = []
+            for i, job in enumerate(jobs):
+                result = results.get(str(i), {"error": "the reply has no result for this snippet"})
+                verdict = verdict_from_result(result, self._line_offset(job.code))
+                if verdict is None:
+                    retry.append((job, str(result.get("error") or f"unusable result {result!r:.200}")))
+                else:
+                    self._finish(job, verdict)
+            for job, reason in retry:
+                self._retry([job], reason, "server_error")
+        elif response.status_code in RETRYABLE_HTTP_STATUSES:
+            reason = f"HTTP {response.status_code} from {self.url}/api/check: {response.text[:200]}"
+            self._retry(jobs, reason, "unverified")
+        else:
+            self._fail(jobs, self._client_error(response))
+
+    @staticmethod
+    def _results_by_id(response: httpx.Response) -> dict[str, dict] | None:
+        try:
+            results = response.json()["results"]
+            return {str(r["id"]): r for r in results if isinstance(r, dict)}
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _client_error(self, response: httpx.Response) -> KiminaError:
+        detail = response.text[:300]
+        if response.status_code == 401:
+            hint = ("set LEAN_SERVER_API_KEY to the server's key" if self._headers
+                    else "the server wants an API key: set LEAN_SERVER_API_KEY")
+            return KiminaError(f"Lean server {self.url} refused the request (HTTP 401: {detail}); {hint}")
+        return KiminaError(f"Lean server {self.url}/api/check answered HTTP {response.status_code}: {detail}")
+
+    def _line_offset(self, code: str) -> int:
+        return split_header(code)[2] if self.message_lines == "body" else 0
+
+    def _retry(self, jobs: list[_Job], reason: str, final_status: Literal["unverified", "server_error"]) -> None:
+        again = []
+        for job in jobs:
+            job.attempts += 1
+            if job.attempts > self.retries:
+                self._finish(job, Verdict(final_status, error=reason, line_offset=self._line_offset(job.code)))
+            else:
+                again.append(job)
+        if not again:
+            logger.warning("Lean server: %s; %d snippet(s) left %s after %d retries",
+                           reason, len(jobs), final_status, self.retries)
+            return
+        self.retried += len(again)
+        logger.info("Lean server: %s; retrying %d snippet(s)", reason, len(again))
+        jitter = random.uniform(0.5, 1.5)  # one draw per failure, so a failed request's snippets stay together
+        for attempts in sorted({job.attempts for job in again}):
+            delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)) * jitter
+            self._loop.call_later(delay, self._requeue, [job for job in again if job.attempts == attempts])
+
+    def _requeue(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            self._queue.put_nowait(job)
+
+    def _finish(self, job: _Job, verdict: Verdict) -> None:
+        self._in_flight.pop(job.code, None)
+        self.status_counts[verdict.status] += 1
+        if verdict.is_verified and self.cache_size:
+            self._cache[job.code] = verdict
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for future in job.futures:
+            _resolve(future, verdict)
+
+    def _fail(self, jobs: list[_Job], error: Exception) -> None:
+        for job in jobs:
+            self._in_flight.pop(job.code, None)
+            for future in job.futures:
+                if not future.done():
+                    future.set_exception(error)
+
+    async def _shutdown(self) -> None:
+        self._dispatcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
+        for job in list(self._in_flight.values()):
+            self._finish(job, Verdict("unverified", error="the Lean client was closed before an answer came"))
+        await self._http.aclose()

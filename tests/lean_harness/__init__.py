@@ -1,0 +1,1 @@
+"""Test harness for the real Kimina Lean Server (PyPI kimina-ast-server) with a stand-in REPL that is NOT Lean."""
