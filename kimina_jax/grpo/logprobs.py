@@ -1,0 +1,64 @@
+"""Per-token log-probs and entropies without ever holding [tokens, vocab] logits for a whole row.
+
+The lm_head and log-softmax run over chunks of `chunk_size` tokens inside a scan whose body is
+rematerialised, so forward and backward peak at one [chunk_size, vocab] float32 block.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kimina_jax.models import Qwen3ForCausalLM
+
+
+def chunked_logprobs(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """log p(target) and entropy of softmax(hidden @ lm_head / temperature), shapes [B, T].
+
+    hidden [B, T, H] (compute dtype), lm_head [H, V], targets [B, T] int.
+    """
+    batch, length, width = hidden.shape
+    total = batch * length
+    chunk = min(chunk_size, total)
+    padded = -(-total // chunk) * chunk
+    flat_h = jnp.pad(hidden.reshape(total, width), ((0, padded - total), (0, 0)))
+    flat_t = jnp.pad(targets.reshape(total).astype(jnp.int32), (0, padded - total))
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        logits = jnp.dot(h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - lse[:, None])
+        return logp, lse - jnp.sum(probs * logits, axis=-1)
+
+    logp, entropy = jax.lax.map(
+        one_chunk, (flat_h.reshape(-1, chunk, width), flat_t.reshape(-1, chunk))
+    )
+    logp = logp.reshape(padded)[:total].reshape(batch, length)
+    entropy = entropy.reshape(padded)[:total].reshape(batch, length)
+    return logp, entropy if with_entropy else None
+
+
+def token_logprobs(
+    model: Qwen3ForCausalLM,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The policy's log-prob of `targets[b, t]` given tokens up to t (packed rows), and the entropy there."""
+    hidden, _ = model.hidden_states(tokens, positions, segment_ids)
+    return chunked_logprobs(hidden, model.lm_head_kernel(), targets, temperature, chunk_size, with_entropy)

@@ -1,0 +1,176 @@
+"""The GRPO arithmetic of SPEC 3 as pure functions on arrays (all usable inside `jax.jit`).
+
+Conventions shared by every function here:
+- `mask` marks the tokens that count (response tokens); anything outside it never reaches a result,
+  even when it holds garbage.
+- A "sequence" is one response. Aggregation over sequences only counts sequences with at least one masked
+  token: an all-masked row (padding, an empty response) neither adds to a sum nor to a denominator, and a
+  batch with no masked token at all aggregates to 0, never NaN.
+- Micro-batch invariance: the aggregate of a mini-batch is a weighted token sum whose weights only need two
+  mini-batch-level normalisers, `num_tokens` (masked tokens) and `num_seqs` (sequences). Passing those to
+  `aggregate_loss` / `policy_loss` for each micro-batch makes the micro-batch results add up exactly to the
+  mini-batch's. `sequence_token_weights` gives the per-token weight itself (packing stores it per token).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kimina_jax.errors import KiminaError
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# verl clamps log-ratios before exp so that one wild token cannot overflow the loss.
+LOG_RATIO_LIMIT = 20.0
+LOW_VAR_KL_LIMIT = 10.0
+
+
+def grpo_advantages(scores: Any, group_ids: Any, norm_by_std: bool = False, eps: float = 1e-6) -> jax.Array:
+    """A_i = r_i - mean(group of i), optionally / (unbiased std(group) + eps); a group of one gets 0.
+
+    `group_ids` may be any integers (not necessarily contiguous). The group sums use an [N, N] membership
+    matrix and elementwise float32 sums (no matmul, so no reduced-precision passes on TPU).
+    SPEC 3 gives a lone response mean 0 (advantage = its reward, as verl does); issue 3 overrides that
+    with 0, since one response carries no group-relative signal.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    group_ids = jnp.asarray(group_ids)
+    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
+    count = same.sum(axis=1)
+    mean = (same * scores[None, :]).sum(axis=1) / count
+    advantages = scores - mean
+    if norm_by_std:
+        squares = (same * (scores[None, :] - mean[:, None]) ** 2).sum(axis=1)
+        std = jnp.sqrt(squares / jnp.maximum(count - 1.0, 1.0))
+        advantages = advantages / (std + eps)
+    return jnp.where(count > 1, advantages, 0.0)
+
+
+def sequence_token_weights(
+    token_counts: Any,
+    mode: str,
+    max_len: int | None = None,
+    num_tokens: Any = None,
+    num_seqs: Any = None,
+) -> jax.Array:
+    """Weight of each masked token of each sequence, so that the aggregate loss is sum(weight * token loss).
+
+    `token_counts`: masked tokens per sequence (any shape). `num_tokens` / `num_seqs` default to the totals
+    over `token_counts`; pass the mini-batch's totals when `token_counts` covers only a micro-batch.
+    token-mean: 1/num_tokens; seq-mean-token-sum: 1/num_seqs; seq-mean-token-mean: 1/(n_s * num_seqs);
+    seq-mean-token-sum-norm: 1/(max_len * num_seqs). Sequences with no token get weight 0.
+    """
+    counts = jnp.asarray(token_counts, jnp.float32)
+    total_tokens = counts.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+    total_seqs = (counts > 0).sum().astype(jnp.float32) if num_seqs is None else jnp.asarray(num_seqs, jnp.float32)
+    ones = jnp.ones_like(counts)
+    if mode == "token-mean":
+        denominator = total_tokens * ones
+    elif mode == "seq-mean-token-sum":
+        denominator = total_seqs * ones
+    elif mode == "seq-mean-token-mean":
+        denominator = counts * total_seqs
+    elif mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len <= 0:
+            raise KiminaError(f"loss aggregation mode {mode!r} needs max_len (the max response length), got {max_len!r}")
+        denominator = float(max_len) * total_seqs * ones
+    else:
+        raise KiminaError(f"unknown loss aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+    usable = (counts > 0) & (denominator > 0)
+    return jnp.where(usable, 1.0 / jnp.where(usable, denominator, 1.0), 0.0)
+
+
+def aggregate_loss(
+    loss: Any,
+    mask: Any,
+    mode: str,
+    max_len: int | None = None,
+    num_tokens: Any = None,
+    num_seqs: Any = None,
+) -> jax.Array:
+    """Reduce a per-token loss [..., T] (each row one sequence) to a scalar with one of `AGG_MODES`.
+
+    See the module docstring for all-masked rows and for the `num_tokens` / `num_seqs` normalisers.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    weights = sequence_token_weights(mask.sum(axis=-1), mode, max_len, num_tokens, num_seqs)
+    return jnp.sum(jnp.where(mask > 0, loss, 0.0) * mask * weights[..., None])
+
+
+def masked_mean(values: Any, mask: Any) -> jax.Array:
+    """Mean of `values` over the masked entries; 0 when nothing is masked."""
+    mask = jnp.asarray(mask, jnp.float32)
+    total = jnp.sum(jnp.where(mask > 0, values, 0.0) * mask)
+    count = mask.sum()
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def ppo_token_loss(
+    logp: Any, old_logp: Any, advantages: Any, clip_low: float, clip_high: float, clip_c: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token dual-clip PPO loss and per-token 0/1 indicators behind the metrics (verl's definitions).
+
+    Returns (loss, {pg_clipfrac: the clipped branch was taken, pg_clipfrac_lower: the dual clip -A*clip_c
+    was taken (A < 0), ppo_kl: old_logp - logp with the log-ratio clamp}). A masked mean of each indicator
+    is the metric; the train step sums them over micro-batches instead.
+    """
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pessimistic = jnp.maximum(unclipped, clipped)
+    dual = -advantages * clip_c
+    negative = advantages < 0
+    loss = jnp.where(negative, jnp.minimum(pessimistic, dual), pessimistic)
+    indicators = {
+        "pg_clipfrac": (clipped > unclipped).astype(jnp.float32),
+        "pg_clipfrac_lower": (negative & (pessimistic > dual)).astype(jnp.float32),
+        "ppo_kl": -log_ratio,
+    }
+    return loss, indicators
+
+
+def policy_loss(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    clip_low: float,
+    clip_high: float,
+    clip_c: float,
+    agg_mode: str,
+    max_len: int | None = None,
+    num_tokens: Any = None,
+    num_seqs: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The PPO-clip policy loss of SPEC 3 over [..., T] rows, and its metrics as masked means.
+
+    Returns (loss, {pg_clipfrac, pg_clipfrac_lower, ppo_kl}); the metrics cover this call's tokens only.
+    """
+    token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
+    loss = aggregate_loss(token_loss, mask, agg_mode, max_len, num_tokens, num_seqs)
+    return loss, {name: masked_mean(value, mask) for name, value in indicators.items()}
+
+
+def kl_penalty(logp: Any, ref_logp: Any, kind: str) -> jax.Array:
+    """Per-token KL estimate between the policy and the reference: k1/kl, abs, k2/mse, k3/low_var_kl."""
+    if kind in ("k1", "kl"):
+        return logp - ref_logp
+    if kind == "abs":
+        return jnp.abs(logp - ref_logp)
+    if kind in ("k2", "mse"):
+        return 0.5 * jnp.square(logp - ref_logp)
+    if kind in ("k3", "low_var_kl"):
+        log_ratio = jnp.clip(ref_logp - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, -LOW_VAR_KL_LIMIT, LOW_VAR_KL_LIMIT)
+    raise KiminaError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
+
+
+def entropy_from_logits(logits: Any) -> jax.Array:
+    """Entropy of the full next-token distribution, [..., V] -> [...], computed in float32."""
+    logits = jnp.asarray(logits, jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - log_z[..., None])
+    return log_z - jnp.sum(probs * logits, axis=-1)

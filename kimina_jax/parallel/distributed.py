@@ -1,0 +1,93 @@
+"""Multi-host start: join JAX's multi-controller runtime (`jax.distributed.initialize`) when there is one.
+
+Every process of a multi-host job runs the same program; after initialization `jax.devices()` lists the
+devices of all processes and a mesh spans them. A single process does nothing here.
+"""
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+from typing import Literal, Mapping
+
+import jax
+
+from kimina_jax.errors import KiminaError
+
+DistributedMode = Literal["auto", "on", "off"]
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+
+
+def maybe_initialize_distributed(mode: DistributedMode = "auto", environ: Mapping[str, str] | None = None) -> bool:
+    """Initialize the multi-process runtime if wanted; return whether this is a multi-process run.
+
+    Call it first thing, before any JAX computation (JAX refuses to initialize once its backend is up).
+
+    mode "auto": initialize when the environment describes several processes (`environment_process_count`);
+    "on": always initialize and let JAX find the cluster (e.g. a Cloud TPU pod from its metadata);
+    "off": never. Explicit `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` take precedence
+    over what JAX detects. Idempotent: a second call returns True without initializing again.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise KiminaError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if jax.distributed.is_initialized():
+        return True
+    environ = os.environ if environ is None else environ
+    if mode == "off" or (mode == "auto" and environment_process_count(environ) <= 1):
+        return False
+    explicit = {
+        "coordinator_address": environ.get("JAX_COORDINATOR_ADDRESS"),
+        "num_processes": _int_var(environ, "JAX_NUM_PROCESSES"),
+        "process_id": _int_var(environ, "JAX_PROCESS_ID"),
+    }
+    try:
+        jax.distributed.initialize(**explicit)
+    except (ValueError, RuntimeError) as error:
+        raise KiminaError(f"jax.distributed.initialize failed ({error}); set JAX_COORDINATOR_ADDRESS, "
+                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / Open MPI / a TPU pod") from error
+    return True
+
+
+def environment_process_count(environ: Mapping[str, str]) -> int:
+    """How many processes the environment says this job has (1 when it says nothing).
+
+    Read from, in order: JAX_NUM_PROCESSES, SLURM (as launched by srun), Open MPI (mpirun),
+    TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES, and on a Cloud TPU VM the pod's metadata.
+    """
+    if "JAX_NUM_PROCESSES" in environ:
+        return _int_var(environ, "JAX_NUM_PROCESSES")
+    if all(var in environ for var in _SLURM_VARS):
+        return _int_var(environ, "SLURM_NTASKS")
+    if "OMPI_MCA_orte_hnp_uri" in environ and "OMPI_COMM_WORLD_SIZE" in environ:
+        return _int_var(environ, "OMPI_COMM_WORLD_SIZE")
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        return len(hosts.split(","))
+    if any(Path(path).exists() for path in _TPU_DEVICE_FILES):
+        return _tpu_pod_worker_count(environ)
+    return 1
+
+
+def _tpu_pod_worker_count(environ: Mapping[str, str]) -> int:
+    """Workers of this Cloud TPU slice according to the GCE metadata server; 1 when it cannot be asked."""
+    host = environ.get("GCE_METADATA_IP", "metadata.google.internal")
+    request = urllib.request.Request(
+        f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+        headers={"Metadata-Flavor": "Google"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as reply:
+            endpoints = reply.read().decode().strip()
+    except OSError:
+        return 1
+    return max(1, len([entry for entry in endpoints.split(",") if entry]))
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int | None:
+    if name not in environ:
+        return None
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise KiminaError(f"environment variable {name}={environ[name]!r} is not an integer") from None

@@ -1,0 +1,206 @@
+"""GRPO math against formulas written here independently, in numpy float64."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimina_jax.errors import KiminaError
+from kimina_jax.grpo import (
+    AGG_MODES,
+    aggregate_loss,
+    entropy_from_logits,
+    grpo_advantages,
+    kl_penalty,
+    policy_loss,
+)
+
+CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.3, 3.0
+MAX_LEN = 16
+
+
+# ---- references (float64, loops, straight from SPEC 3) ----
+
+def ref_advantages(scores, groups, norm_by_std, eps=1e-6):
+    out = np.zeros(len(scores))
+    for group in set(groups.tolist()):
+        members = np.flatnonzero(groups == group)
+        if len(members) == 1:
+            continue  # issue 3: a lone response gets advantage 0
+        values = scores[members].astype(np.float64)
+        centered = values - values.mean()
+        out[members] = centered / (values.std(ddof=1) + eps) if norm_by_std else centered
+    return out
+
+
+def ref_token_loss(logp, old, adv):
+    ratio = np.exp(np.clip(logp - old, -20, 20))
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH))
+    return np.where(adv < 0, np.minimum(loss, -adv * CLIP_C), loss)
+
+
+def ref_aggregate(loss, mask, mode, max_len=MAX_LEN):
+    """Rows with no masked token are not sequences; nothing masked at all -> 0."""
+    per_seq = []
+    for row_loss, row_mask in zip(loss, mask):
+        n = row_mask.sum()
+        if n == 0:
+            continue
+        total = float((row_loss * row_mask).sum())
+        per_seq.append({"seq-mean-token-sum": total, "seq-mean-token-mean": total / n,
+                        "seq-mean-token-sum-norm": total / max_len, "token-mean": None}[mode])
+    if mode == "token-mean":
+        return float((loss * mask).sum() / mask.sum()) if mask.sum() else 0.0
+    return float(np.mean(per_seq)) if per_seq else 0.0
+
+
+def ref_kl(logp, ref, kind):
+    d = logp - ref
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return np.abs(d)
+    if kind in ("k2", "mse"):
+        return 0.5 * d * d
+    x = np.clip(ref - logp, -20, 20)
+    return np.clip(np.exp(x) - x - 1, -10, 10)
+
+
+def ref_entropy(logits):
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    p = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    return -(p * np.log(p)).sum(-1)
+
+
+def random_rollout(seed, rows=6, length=MAX_LEN, extreme=True):
+    """Per-token inputs with ragged masks, one fully masked row, and (optionally) clamp-hitting ratios."""
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(-2.0, 1.0, (rows, length))
+    old = logp + rng.normal(0.0, 0.4, (rows, length))
+    if extreme:
+        old[0, :4] = logp[0, :4] + np.array([30.0, -30.0, 25.0, -25.0])  # |log-ratio| > 20: clamp
+    adv = np.repeat(rng.normal(0.0, 1.0, (rows, 1)), length, axis=1)
+    adv[1] = -2.5  # negative advantage with big ratios below: dual clip taken
+    old[1, :3] = logp[1, :3] - np.array([3.0, 5.0, 0.5])
+    adv[2] = 0.0
+    lengths = rng.integers(1, length + 1, rows)
+    lengths[3] = 0  # a fully masked row
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float64)
+    return logp, old, adv, mask
+
+
+# ---- advantages ----
+
+@pytest.mark.parametrize("norm_by_std", [False, True])
+def test_advantages_match_reference(norm_by_std):
+    rng = np.random.default_rng(0)
+    groups = rng.permutation(np.repeat([7, 3, 11, 40, 2, 5], [8, 8, 1, 4, 8, 1]))  # shuffled, non-contiguous
+    scores = rng.integers(0, 2, len(groups)).astype(np.float64)
+    scores[groups == 2] = 1.0  # a group with all-equal rewards
+    scores[groups == 40] = rng.normal(size=4)
+    got = np.asarray(grpo_advantages(scores, groups, norm_by_std=norm_by_std))
+    want = ref_advantages(scores, groups, norm_by_std)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[groups == 2] == 0) and np.all(got[groups == 11] == 0) and np.all(got[groups == 5] == 0)
+
+
+def test_advantages_jit_and_single_response():
+    jitted = jax.jit(grpo_advantages, static_argnames="norm_by_std")
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.array([1.0]), jnp.array([0]), norm_by_std=True)), [0.0])
+    got = np.asarray(jitted(jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.array([1, 1, 1, 1]), norm_by_std=True))
+    np.testing.assert_allclose(got, ref_advantages(np.array([1.0, 0, 0, 0]), np.array([1, 1, 1, 1]), True), rtol=1e-5)
+
+
+# ---- policy loss and aggregation ----
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_policy_loss_matches_reference(mode):
+    logp, old, adv, mask = random_rollout(1)
+    loss, metrics = jax.jit(policy_loss, static_argnums=(4, 5, 6, 7, 8))(
+        logp, old, adv, mask, CLIP_LOW, CLIP_HIGH, CLIP_C, mode, MAX_LEN
+    )
+    token_loss = ref_token_loss(logp, old, adv)
+    np.testing.assert_allclose(float(loss), ref_aggregate(token_loss, mask, mode), rtol=1e-5, atol=1e-6)
+
+    ratio = np.exp(np.clip(logp - old, -20, 20))
+    clipped = -adv * np.clip(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH) > -adv * ratio
+    lower = (adv < 0) & (np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH)) > -adv * CLIP_C)
+    n = mask.sum()
+    np.testing.assert_allclose(float(metrics["pg_clipfrac"]), (clipped * mask).sum() / n, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["pg_clipfrac_lower"]), (lower * mask).sum() / n, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["ppo_kl"]), (np.clip(old - logp, -20, 20) * mask).sum() / n,
+                               rtol=1e-5, atol=1e-6)
+    assert (lower * mask).sum() > 0 and (clipped * mask).sum() > 0  # both clips were exercised
+
+
+def test_policy_loss_clamps_extreme_ratios_and_stays_finite():
+    logp = jnp.array([[0.0, 0.0, 0.0, 0.0]])
+    old = jnp.array([[-100.0, 100.0, -100.0, 0.0]])  # log-ratios +100, -100, +100, 0
+    adv = jnp.array([[1.0, 1.0, -1.0, -1.0]])
+    loss, metrics = policy_loss(logp, old, adv, jnp.ones((1, 4)), CLIP_LOW, CLIP_HIGH, CLIP_C, "seq-mean-token-sum")
+    # A>0, ratio e^20: pessimistic max picks the clipped -1.3; A>0, ratio e^-20: -e^-20 (unclipped is larger);
+    # A<0, ratio e^20: min(e^20, 3) = 3 (dual clip); A<0, ratio 1: 1.
+    np.testing.assert_allclose(float(loss), -1.3 - np.exp(-20.0) + 3.0 + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["ppo_kl"]), (-20 + 20 - 20 + 0) / 4, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["pg_clipfrac_lower"]), 0.25)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_aggregate_fully_masked(mode):
+    loss = jnp.full((3, 5), jnp.nan)  # garbage outside the mask must not leak
+    assert float(aggregate_loss(loss, jnp.zeros((3, 5)), mode, MAX_LEN)) == 0.0
+    grads = jax.grad(lambda x: aggregate_loss(x, jnp.zeros((3, 5)), mode, MAX_LEN))(jnp.ones((3, 5)))
+    assert np.all(np.asarray(grads) == 0)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("pieces", [1, 2, 4])
+def test_aggregate_is_invariant_to_micro_batch_cuts(mode, pieces):
+    rng = np.random.default_rng(2)
+    loss = rng.normal(size=(8, MAX_LEN))
+    lengths = rng.integers(0, MAX_LEN + 1, 8)
+    lengths[[1, 6]] = 0
+    mask = (np.arange(MAX_LEN)[None, :] < lengths[:, None]).astype(np.float64)
+    whole = float(aggregate_loss(loss, mask, mode, MAX_LEN))
+    num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
+    parts = sum(
+        float(aggregate_loss(l, m, mode, MAX_LEN, num_tokens=num_tokens, num_seqs=num_seqs))
+        for l, m in zip(np.split(loss, pieces), np.split(mask, pieces))
+    )
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    np.testing.assert_allclose(whole, ref_aggregate(loss, mask, mode), rtol=1e-5)
+
+
+def test_aggregate_rejects_bad_modes():
+    with pytest.raises(KiminaError, match="seq-mean-token-mean"):
+        aggregate_loss(jnp.ones((1, 2)), jnp.ones((1, 2)), "token-sum")
+    with pytest.raises(KiminaError, match="max_len"):
+        aggregate_loss(jnp.ones((1, 2)), jnp.ones((1, 2)), "seq-mean-token-sum-norm")
+
+
+# ---- KL and entropy ----
+
+@pytest.mark.parametrize("kind", ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"])
+def test_kl_penalty_matches_reference(kind):
+    rng = np.random.default_rng(3)
+    logp = rng.normal(-2.0, 1.0, 64)
+    ref = logp + rng.normal(0.0, 1.0, 64)
+    ref[:4] = logp[:4] + np.array([5.0, 30.0, -30.0, -5.0])  # low_var_kl clamps (x and result) hit
+    np.testing.assert_allclose(np.asarray(kl_penalty(logp, ref, kind)), ref_kl(logp, ref, kind), rtol=1e-5, atol=1e-6)
+
+
+def test_low_var_kl_clamps():
+    got = np.asarray(kl_penalty(jnp.zeros(3), jnp.array([30.0, -30.0, 0.0]), "k3"))
+    np.testing.assert_allclose(got, [10.0, 10.0, 0.0])
+    with pytest.raises(KiminaError, match="low_var_kl"):
+        kl_penalty(jnp.zeros(1), jnp.zeros(1), "k4")
+
+
+def test_entropy_matches_reference():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0.0, 3.0, (2, 5, 50))
+    logits[0, 0] *= 40.0  # a near one-hot distribution
+    np.testing.assert_allclose(np.asarray(entropy_from_logits(logits)), ref_entropy(logits), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy_from_logits(jnp.zeros((3, 50)))), np.log(50.0), rtol=1e-6)

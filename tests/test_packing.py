@@ -1,0 +1,155 @@
+"""Packing: exact reconstruction, row invariants, buckets, and loss weights that agree with the math."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kimina_jax.errors import KiminaError
+from kimina_jax.grpo import AGG_MODES, PackItem, aggregate_loss, pack_samples, ppo_token_loss, row_length_buckets
+from kimina_jax.grpo.math import grpo_advantages
+from tests.test_grpo_math import ref_aggregate
+
+BUCKETS = (32, 64, 128)
+MAX_RESPONSE = 40
+
+
+def random_items(seed, count=23, with_logp=True):
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        prompt = rng.integers(1, 1000, rng.integers(1, 20))
+        response = rng.integers(1, 1000, rng.integers(0, MAX_RESPONSE + 1))
+        logp = (lambda: -rng.random(len(response)).astype(np.float32)) if with_logp else (lambda: None)
+        items.append(PackItem(prompt.tolist(), response.tolist(), float(rng.normal()), logp(), logp()))
+    return items
+
+
+def test_every_item_is_reconstructed_exactly():
+    items = random_items(0)
+    batch = pack_samples(items, BUCKETS, loss_agg_mode="token-mean", rows_multiple=4, pad_id=-1)
+    assert batch.num_rows % 4 == 0 and batch.num_items == len(items)
+    for index, item in enumerate(items):
+        row, start = batch.item_row[index], batch.item_start[index]
+        p, r = len(item.prompt_ids), len(item.response_ids)
+        span = slice(start, start + p + r)
+        np.testing.assert_array_equal(batch.tokens[row, span], item.prompt_ids + item.response_ids)
+        np.testing.assert_array_equal(batch.positions[row, span], np.arange(p + r))
+        assert len(set(batch.segment_ids[row, span].tolist())) == 1
+        # Targets are the next token of the same segment; the segment's last slot predicts nothing.
+        np.testing.assert_array_equal(batch.targets[row, start : start + p + r - 1], (item.prompt_ids + item.response_ids)[1:])
+        assert batch.targets[row, start + p + r - 1] == -1
+        # Loss positions are exactly those whose target is a response token.
+        expected_mask = np.zeros(p + r)
+        expected_mask[p - 1 : p + r - 1] = 1
+        np.testing.assert_array_equal(batch.loss_mask[row, span], expected_mask)
+        np.testing.assert_array_equal(batch.targets[row, span][expected_mask == 1], item.response_ids)
+        np.testing.assert_allclose(batch.advantages[row, span], expected_mask * np.float32(item.advantage))
+    for got, item in zip(batch.response_values(batch.old_logp), items):
+        np.testing.assert_array_equal(got, item.old_logp)
+    for got, item in zip(batch.response_values(batch.ref_logp), items):
+        np.testing.assert_array_equal(got, item.ref_logp)
+
+
+def test_row_invariants_and_padding_fraction():
+    items = random_items(1, count=40)
+    batch = pack_samples(items, BUCKETS, loss_agg_mode="token-mean", rows_multiple=3)
+    owner = -np.ones(batch.tokens.shape, int)
+    for index in range(batch.num_items):
+        row, start, length = batch.item_row[index], batch.item_start[index], batch.item_length[index]
+        assert np.all(owner[row, start : start + length] == -1), "items overlap"
+        owner[row, start : start + length] = index
+    assert np.array_equal(owner >= 0, batch.segment_ids > 0), "a slot is neither padding nor one item's"
+    for row in range(batch.num_rows):
+        segments = batch.segment_ids[row]
+        used = segments[segments > 0]
+        # Segments are contiguous, numbered 1..k from the left, padding only at the end of the row.
+        assert np.all(np.diff(segments[: len(used)]) >= 0) and np.all(segments[len(used):] == 0)
+        assert sorted(set(used.tolist())) == list(range(1, len(set(used.tolist())) + 1))
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], segments])) != 0)
+        assert all(batch.positions[row, s] == 0 for s in starts)
+    padding = batch.segment_ids == 0
+    arrays = batch.token_arrays()
+    assert len(arrays) == 9 and all(a.shape == (batch.num_rows, batch.row_length) for a in arrays.values())
+    assert all(np.all(a[padding] == 0) for a in arrays.values())
+    total = sum(len(i.prompt_ids) + len(i.response_ids) for i in items)
+    assert batch.padding_fraction == pytest.approx(1 - total / batch.tokens.size)
+
+
+def test_bucket_selection_and_first_fit_decreasing():
+    def item(length):
+        return PackItem([1], [2] * (length - 1), 0.0)
+
+    batch = pack_samples([item(5), item(4), item(3), item(3), item(1)], (8, 16), loss_agg_mode="token-mean")
+    # Longest first into the first row with room: [5, 3] and [4, 3, 1]; row length = smallest fitting bucket.
+    assert batch.tokens.shape == (2, 8)
+    assert batch.item_row.tolist() == [0, 1, 0, 1, 1]
+    assert batch.item_start.tolist() == [0, 0, 5, 4, 7]
+    assert batch.padding_fraction == 0.0
+    assert pack_samples([item(9)], (8, 16), loss_agg_mode="token-mean").row_length == 16
+    assert pack_samples([item(16)], (16, 8), loss_agg_mode="token-mean").row_length == 16
+    with pytest.raises(KiminaError, match=r"item 1 has 17 tokens.*largest row length bucket 16"):
+        pack_samples([item(3), item(17)], (8, 16), loss_agg_mode="token-mean")
+    assert row_length_buckets(32768, 1024) == (1024, 2048, 4096, 8192, 16384, 32768)
+    assert row_length_buckets(10000, 2048) == (2048, 4096, 8192, 10000)
+
+
+def test_packing_is_deterministic_and_takes_plain_tuples():
+    items = random_items(2)
+    first = pack_samples(items, BUCKETS, loss_agg_mode="seq-mean-token-mean")
+    again = pack_samples([tuple(i) for i in items], BUCKETS, loss_agg_mode="seq-mean-token-mean")
+    for field in dataclasses.fields(first):
+        np.testing.assert_array_equal(getattr(first, field.name), getattr(again, field.name))
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_loss_weights_agree_with_aggregate_loss(mode):
+    """sum(weights * token loss) over the packed rows == aggregate_loss over one row per response, and the
+    packed rows cut into micro-batches add up to the same number."""
+    items = random_items(3, count=30)
+    items[4] = items[4]._replace(response_ids=[], old_logp=np.zeros(0), ref_logp=np.zeros(0))  # no sequence
+    batch = pack_samples(items, BUCKETS, loss_agg_mode=mode, max_response_len=MAX_RESPONSE, rows_multiple=4)
+    rng = np.random.default_rng(5)
+    logp = -rng.random(batch.tokens.shape).astype(np.float32)
+    token_loss, _ = ppo_token_loss(logp, batch.old_logp, batch.advantages, 0.2, 0.3, 3.0)
+    token_loss = np.asarray(token_loss)
+    packed = float(np.sum(batch.loss_weights * token_loss))
+
+    # The same per-token values, one padded row per response.
+    per_item = batch.response_values(token_loss)
+    unpacked = np.zeros((len(items), MAX_RESPONSE))
+    mask = np.zeros((len(items), MAX_RESPONSE))
+    for index, values in enumerate(per_item):
+        unpacked[index, : len(values)], mask[index, : len(values)] = values, 1
+    np.testing.assert_allclose(packed, float(aggregate_loss(unpacked, mask, mode, MAX_RESPONSE)), rtol=1e-5)
+    np.testing.assert_allclose(packed, ref_aggregate(unpacked, mask, mode, MAX_RESPONSE), rtol=1e-5)
+
+    for pieces in (2, 4):
+        cut = sum(float(np.sum(w * l)) for w, l in zip(np.split(batch.loss_weights, pieces), np.split(token_loss, pieces)))
+        np.testing.assert_allclose(cut, packed, rtol=1e-5)
+
+
+def test_advantages_flow_from_grpo_to_packed_tokens():
+    items = random_items(4, count=8, with_logp=False)
+    scores = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)
+    advantages = np.asarray(grpo_advantages(scores, np.array([0, 0, 0, 0, 1, 1, 1, 1])))
+    items = [item._replace(advantage=float(a)) for item, a in zip(items, advantages)]
+    batch = pack_samples(items, BUCKETS, loss_agg_mode="token-mean")
+    assert batch.old_logp is None and batch.ref_logp is None
+    for values, item in zip(batch.response_values(batch.advantages), items):
+        np.testing.assert_array_equal(values, np.full(len(item.response_ids), item.advantage, np.float32))
+
+
+def test_bad_items_are_named():
+    good = PackItem([1, 2], [3, 4], 0.5, np.zeros(2), None)
+    with pytest.raises(KiminaError, match="item 1 has an empty prompt"):
+        pack_samples([good, PackItem([], [3], 0.0, np.zeros(1))], BUCKETS, loss_agg_mode="token-mean")
+    with pytest.raises(KiminaError, match=r"item 1 `old_logp` has shape \(3,\), expected \(2,\)"):
+        pack_samples([good, PackItem([1], [3, 4], 0.0, np.zeros(3))], BUCKETS, loss_agg_mode="token-mean")
+    with pytest.raises(KiminaError, match="item 1 differs from item 0 in whether `old_logp`"):
+        pack_samples([good, PackItem([1], [3], 0.0)], BUCKETS, loss_agg_mode="token-mean")
+    with pytest.raises(KiminaError, match="no items"):
+        pack_samples([], BUCKETS, loss_agg_mode="token-mean")
+    with pytest.raises(KiminaError, match="unknown loss aggregation mode"):
+        pack_samples([good], BUCKETS, loss_agg_mode="sum")
