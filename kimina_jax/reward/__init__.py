@@ -3,6 +3,7 @@ from kimina_jax.reward.extract import extract_proof
 from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.format import FormatError, FormatThresholds, check_format
 from kimina_jax.reward.lean_client import LeanClient, Verifier
+from kimina_jax.reward.rewarder import PendingSample, Rewarder
 from kimina_jax.reward.scoring import score
 from kimina_jax.reward.standin_verifier import StandinVerifier
 from kimina_jax.types import Verdict
@@ -11,6 +12,8 @@ __all__ = [
     "FormatError",
     "FormatThresholds",
     "LeanClient",
+    "PendingSample",
+    "Rewarder",
     "StandinVerifier",
     "Verdict",
     "Verifier",

@@ -1,0 +1,618 @@
+"""The training recipe as typed dataclasses: YAML files, dotted command-line overrides, validation.
+
+One dataclass per stage; a stage receives only its own section. Values that one section derives from
+another (e.g. `rollout.max_tokens` from `data.max_response_length`) are filled in at load time so that
+each stage still needs only its own section. Secrets (the Lean server API key) come from the environment
+only and are never written anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from kimina_jax.errors import KiminaError
+
+TINY = "tiny"  # model.path / data.tokenizer value: build a tiny random Qwen3 / train a small tokenizer
+RECIPE_DIR = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "tiny"
+ENV_URL = "LEAN_SERVER_API_URL"
+ENV_KEY = "LEAN_SERVER_API_KEY"
+RECIPE_MAX_RESPONSE_LENGTH = 24576
+
+
+def _derived(source: str, default: int) -> Any:
+    """A field filled from another section at load time; YAML may repeat it only with the same value.
+
+    The default (the recipe's value) serves sections built directly in code, e.g. in tests.
+    """
+    return dataclasses.field(default=default, metadata={"derived_from": source})
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "tiny"
+    seed: int = 1
+
+
+@dataclasses.dataclass
+class TinyModelConfig:
+    """Sizes of the random Qwen3 built when `model.path` is `tiny` (head_dim >= 32: vLLM's CPU attention)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    vocab_size: int | None = None  # None: the tokenizer's size
+    tie_word_embeddings: bool = True
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = TINY  # a Hugging Face folder or hub name, or `tiny`
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # activations / compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+    remat: bool = True  # recompute decoder-layer activations in the backward pass
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """One split: files (local parquet/jsonl/json, `bundled:<name>`, or a Hub name) and their column layout."""
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    layout: Literal["auto", "promptset", "minif2f", "numina"] = "auto"
+    name: str | None = None  # data_source when rows carry none (None: the first file's stem / hub basename)
+    hub_split: str = "train"
+    where: dict[str, str] = dataclasses.field(default_factory=dict)  # keep rows whose column equals the value
+    limit: int | None = None  # keep the first N rows (after `where`)
+
+
+@dataclasses.dataclass
+class ErrorFixConfig:
+    """The second turn of SPEC 7."""
+
+    enabled: bool = True
+    rate: float = 0.5  # probability that a batch row is drawn from the cache (when non-empty)
+    cache_size: int = 5000
+    max_feedback_chars: int = 3000
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    val: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    tokenizer: str | None = None  # None: model.path; `tiny`: trained on the fly from the bundled statements
+    max_prompt_length: int = 8192
+    max_response_length: int = RECIPE_MAX_RESPONSE_LENGTH
+    filter_overlong_prompts: bool = True
+    shuffle: bool = True
+    seed: int = 1
+    train_batch_size: int = 256  # prompts per step
+    error_fix: ErrorFixConfig = dataclasses.field(default_factory=ErrorFixConfig)
+
+
+@dataclasses.dataclass
+class ValSamplingConfig:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = -1
+
+
+@dataclasses.dataclass
+class VllmConfig:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    max_model_len: int | None = None  # None: max prompt + max response length
+    kv_cache_bytes: int | None = None  # fixed KV cache size (needed on CPU); None: from gpu_memory_utilization
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    enable_sleep_mode: bool = True  # release the engine's memory while the trainer updates
+    # XLA_PYTHON_CLIENT_MEM_FRACTION for JAX on a GPU shared with vLLM (set before JAX starts); None: JAX default.
+    jax_memory_fraction: float | None = None
+
+
+@dataclasses.dataclass
+class ServerPoolConfig:
+    """Engine `vllm-server`: remote OpenAI-compatible vLLM servers."""
+
+    urls: list[str] = dataclasses.field(default_factory=list)
+    weights_dir: str | None = None  # storage every server can read; new weights are written here each step
+    timeout_s: float = 3600.0
+    retries: int = 3
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    engine: Literal["jax", "vllm", "vllm-server"] = "vllm"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_tokens: int = _derived("data.max_response_length", RECIPE_MAX_RESPONSE_LENGTH)
+    val: ValSamplingConfig = dataclasses.field(default_factory=ValSamplingConfig)
+    vllm: VllmConfig = dataclasses.field(default_factory=VllmConfig)
+    servers: ServerPoolConfig = dataclasses.field(default_factory=ServerPoolConfig)
+
+
+@dataclasses.dataclass
+class VerifierConfig:
+    """How proofs are checked. `url` defaults to $LEAN_SERVER_API_URL; the key comes from $LEAN_SERVER_API_KEY only."""
+
+    # `auto` (tiny recipe only): `lean` when LEAN_SERVER_API_URL is set, else the local stand-in.
+    kind: Literal["lean", "standin", "auto"] = "lean"
+    url: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False, metadata={"secret": True})
+    timeout_s: float = 60.0  # per snippet, sent to the server
+    batch_size: int = 8  # snippets per request
+    max_in_flight: int = 40  # concurrent requests
+    retries: int = 3
+
+
+@dataclasses.dataclass
+class FormatConfig:
+    """Thresholds of the format checks (SPEC 6), field for field `reward.format.FormatThresholds`; recipe defaults."""
+
+    repeat_min_tokens: int = 10  # a thinking line is "significant" with this many non-stopword word tokens
+    repeat_max_count: int = 6  # ... and fails the response when it occurs this many times
+    min_tactics_blocks: int = 2
+    tactics_lines_floor: int = 5  # a tactics block may always have this many lines
+    tactics_lines_ratio: float = 0.95  # ... or this fraction of the final lean4 code's lines, whichever is larger
+    min_coverage: float = 0.7  # fraction of the final code's distinct lines that must appear in tactics blocks
+    forbidden_words: list[str] = dataclasses.field(default_factory=lambda: ["axiom", "local_instance"])
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+
+
+@dataclasses.dataclass
+class KlConfig:
+    """KL loss to a frozen reference policy (off in the recipe; the reference exists only when on)."""
+
+    enabled: bool = False
+    coef: float = 0.001
+    kind: Literal["k1", "abs", "k2", "k3", "low_var_kl"] = "low_var_kl"
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    """GRPO (SPEC 3)."""
+
+    norm_adv_by_std: bool = False
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_c: float = 3.0
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-sum-norm"
+    )
+    loss_norm_length: int = _derived("data.max_response_length", RECIPE_MAX_RESPONSE_LENGTH)  # L of ...-sum-norm
+    kl: KlConfig = dataclasses.field(default_factory=KlConfig)
+    entropy_coeff: float = 0.0
+    ppo_mini_batch_size: int = 32  # prompts per optimizer update
+    ppo_epochs: int = 1
+    pack_length: int | None = None  # tokens per packed row; None: max prompt + max response length
+    micro_batch_rows: int = 1  # packed rows per gradient-accumulation micro-batch (per data-parallel shard)
+    logits_chunk_tokens: int = 1024  # tokens per lm_head + log-softmax chunk
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 (all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    total_epochs: int = 15
+    total_steps: int | None = None  # None: total_epochs x steps per epoch
+    save_freq: int = 5
+    test_freq: int = 5
+    val_before_train: bool = True
+    keep_checkpoints: int = 3
+    run_dir: str | None = None  # None: runs/<experiment.name>
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    console: bool = True
+    num_text_samples: int = 2  # responses shown as text in TensorBoard per step
+    progress_bars: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    verifier: VerifierConfig = dataclasses.field(default_factory=VerifierConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.run_dir or f"runs/{self.experiment.name}")
+
+
+# ---------------------------------------------------------------------------------------------- building
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list (items: {_describe(typing.get_args(tp)[0])})"
+    if origin is dict:
+        return f"a mapping (values: {_describe(typing.get_args(tp)[1])})"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return {type(None): "null", bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (sections built recursively)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise KiminaError(f"{source}: '{key}' must be a mapping (section), got {value!r}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key, source)
+            except KiminaError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            _, item_tp = typing.get_args(tp)
+            return {str(k): _convert(v, item_tp, f"{key}.{k}", source) for k, v in value.items()}
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads `2e-6` as a string; accept what is plainly a number.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise KiminaError(f"{source}: '{key}' must be {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise KiminaError(_unknown_key_message(key, name, list(fields), source))
+        if fields[name].metadata.get("secret"):
+            raise KiminaError(f"{source}: '{key}' cannot be set in a config; set ${ENV_KEY} in the environment")
+        if "derived_from" in fields[name].metadata:
+            continue  # compared with the value it derives from, in _resolve
+        kwargs[name] = _convert(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(key: str, name: str, allowed: list[str], source: str) -> str:
+    close = difflib.get_close_matches(str(name), allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML scalars/flow) to a raw config mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise KiminaError(f"override '{item}' must look like dotted.key=value")
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise KiminaError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[last] = value
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KiminaError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise KiminaError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KiminaError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike | None) -> Path:
+    """A YAML path, or the name of a recipe shipped in the package (`tiny`, `kimina_prover_1.7B`, ...)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if shipped.exists():
+        return shipped
+    available = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+    raise KiminaError(f"config '{name_or_path}' is neither a file nor a shipped recipe ({available})")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def config_from_dict(
+    data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "<config>"
+) -> TrainConfig:
+    """Build, resolve derived values and check a config from a raw mapping (as read from YAML)."""
+    env = os.environ if env is None else env
+    cfg = _build(TrainConfig, data, "", source)
+    _resolve(cfg, data, env, source)
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    run_dir: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> TrainConfig:
+    """Read a recipe (a path or a shipped recipe name; default `tiny`), apply overrides and `--run-dir`."""
+    recipe = resolve_recipe_path(path)
+    data = apply_overrides(_read_yaml(recipe), overrides)
+    if run_dir is not None:
+        data.setdefault("trainer", {})["run_dir"] = str(run_dir)
+    env = os.environ if env is None else env
+    cfg = config_from_dict(data, env=env, source=str(recipe))
+    if cfg.verifier.kind == "lean" and not cfg.verifier.url:
+        raise KiminaError(
+            f"{recipe}: verifier.kind is 'lean' but no server is configured: set ${ENV_URL} "
+            "(e.g. http://localhost after launch/lean_server.sh)"
+        )
+    return cfg
+
+
+def parse_cli(argv: Sequence[str] | None = None, description: str = "") -> TrainConfig:
+    """The command line shared by the entry points: `--config`, `--run-dir`, then `dotted.key=value` overrides.
+
+    With no `--config`, the `tiny` recipe shipped inside the package is used.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", default=None, help=f"recipe YAML or shipped recipe name (default: {DEFAULT_RECIPE})"
+    )
+    parser.add_argument("--run-dir", default=None, help="run folder (default: runs/<experiment.name>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rollout.n=4 data.train_batch_size=8")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, run_dir=args.run_dir)
+
+
+def _resolve(cfg: TrainConfig, data: Mapping[str, Any], env: Mapping[str, str], source: str) -> None:
+    derived = {
+        "rollout.max_tokens": cfg.data.max_response_length,
+        "algorithm.loss_norm_length": cfg.data.max_response_length,
+    }
+    for key, value in derived.items():
+        given = _lookup(data, key)
+        if given is not None and given != value:
+            raise KiminaError(
+                f"{source}: '{key}' is derived from data.max_response_length ({value}); got {given!r}. "
+                "Set data.max_response_length instead."
+            )
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+
+    full_length = cfg.data.max_prompt_length + cfg.data.max_response_length
+    if cfg.data.tokenizer is None:
+        cfg.data.tokenizer = cfg.model.path
+    if cfg.rollout.vllm.max_model_len is None:
+        cfg.rollout.vllm.max_model_len = full_length
+    if cfg.algorithm.pack_length is None:
+        cfg.algorithm.pack_length = full_length
+    if cfg.verifier.url is None:
+        cfg.verifier.url = env.get(ENV_URL) or None
+    cfg.verifier.api_key = env.get(ENV_KEY) or None
+    if cfg.verifier.kind == "auto":
+        cfg.verifier.kind = "lean" if cfg.verifier.url else "standin"
+
+
+def _check(cfg: TrainConfig, source: str) -> None:
+    def fail(message: str) -> None:
+        raise KiminaError(f"{source}: {message}")
+
+    positive = {
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "data.max_response_length": cfg.data.max_response_length,
+        "data.train_batch_size": cfg.data.train_batch_size,
+        "data.error_fix.cache_size": cfg.data.error_fix.cache_size,
+        "data.error_fix.max_feedback_chars": cfg.data.error_fix.max_feedback_chars,
+        "rollout.n": cfg.rollout.n,
+        "rollout.val.n": cfg.rollout.val.n,
+        "algorithm.ppo_mini_batch_size": cfg.algorithm.ppo_mini_batch_size,
+        "algorithm.ppo_epochs": cfg.algorithm.ppo_epochs,
+        "algorithm.micro_batch_rows": cfg.algorithm.micro_batch_rows,
+        "algorithm.logits_chunk_tokens": cfg.algorithm.logits_chunk_tokens,
+        "trainer.save_freq": cfg.trainer.save_freq,
+        "trainer.test_freq": cfg.trainer.test_freq,
+        "trainer.keep_checkpoints": cfg.trainer.keep_checkpoints,
+        "verifier.batch_size": cfg.verifier.batch_size,
+        "verifier.max_in_flight": cfg.verifier.max_in_flight,
+        "verifier.timeout_s": cfg.verifier.timeout_s,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            fail(f"'{key}' must be > 0, got {value}")
+
+    if cfg.trainer.total_steps is not None and cfg.trainer.total_steps <= 0:
+        fail(f"'trainer.total_steps' must be > 0 (or null), got {cfg.trainer.total_steps}")
+    if cfg.data.train_batch_size % cfg.algorithm.ppo_mini_batch_size:
+        fail(
+            f"algorithm.ppo_mini_batch_size ({cfg.algorithm.ppo_mini_batch_size}) must divide "
+            f"data.train_batch_size ({cfg.data.train_batch_size})"
+        )
+    if not 0.0 <= cfg.data.error_fix.rate <= 1.0:
+        fail(f"'data.error_fix.rate' must be in [0, 1], got {cfg.data.error_fix.rate}")
+    for key, value in {"rollout.top_p": cfg.rollout.top_p, "rollout.val.top_p": cfg.rollout.val.top_p}.items():
+        if not 0.0 < value <= 1.0:
+            fail(f"'{key}' must be in (0, 1], got {value}")
+    temperatures = {
+        "rollout.temperature": cfg.rollout.temperature,
+        "rollout.val.temperature": cfg.rollout.val.temperature,
+    }
+    for key, value in temperatures.items():
+        if value < 0:
+            fail(f"'{key}' must be >= 0, got {value}")
+    if not 0.0 < cfg.rollout.vllm.gpu_memory_utilization <= 1.0:
+        fail(f"'rollout.vllm.gpu_memory_utilization' must be in (0, 1], got {cfg.rollout.vllm.gpu_memory_utilization}")
+
+    full_length = cfg.data.max_prompt_length + cfg.data.max_response_length
+    if cfg.rollout.vllm.max_model_len < full_length:
+        fail(
+            f"rollout.vllm.max_model_len ({cfg.rollout.vllm.max_model_len}) is below max prompt + response "
+            f"length ({full_length})"
+        )
+    if cfg.algorithm.pack_length < full_length:
+        fail(f"algorithm.pack_length ({cfg.algorithm.pack_length}) must hold one full sequence ({full_length} tokens)")
+
+    if cfg.rollout.engine == "vllm-server" and not cfg.rollout.servers.urls:
+        fail("rollout.engine is 'vllm-server' but rollout.servers.urls is empty")
+    if cfg.rollout.engine == "vllm-server" and not cfg.rollout.servers.weights_dir:
+        fail("rollout.engine is 'vllm-server' but rollout.servers.weights_dir (shared weight storage) is not set")
+
+    tiny = cfg.model.path == TINY
+    if cfg.verifier.kind == "standin" and not tiny:
+        fail(
+            "verifier.kind 'standin' is only for the tiny recipe (model.path: tiny); its verdicts are not Lean's. "
+            f"Use 'lean' and set ${ENV_URL}."
+        )
+    if cfg.data.tokenizer == TINY and not tiny:
+        fail("data.tokenizer 'tiny' only fits model.path 'tiny' (a real checkpoint has its own tokenizer)")
+    if tiny and cfg.model.tiny.head_dim < 32:
+        fail(f"model.tiny.head_dim must be >= 32 (vLLM's CPU attention rejects smaller), got {cfg.model.tiny.head_dim}")
+
+    axes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    if any(v == 0 or v < -1 for v in axes.values()):
+        fail(f"mesh axis sizes must be positive or -1 (the rest), got {axes}")
+    if sum(v == -1 for v in axes.values()) > 1:
+        fail(f"at most one mesh axis may be -1, got {axes}")
+
+
+def validate_for_devices(cfg: TrainConfig, n_devices: int, process_count: int = 1) -> tuple[int, int, int]:
+    """Check the config against the devices at hand; return the mesh shape (data, fsdp, tensor) with -1 resolved."""
+    from kimina_jax.parallel.mesh import _resolve_axis_sizes  # the one place that does mesh arithmetic
+
+    shape = _resolve_axis_sizes({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, n_devices)
+    if cfg.data.train_batch_size % process_count:
+        raise KiminaError(
+            f"data.train_batch_size ({cfg.data.train_batch_size}) must be divisible by the number of processes "
+            f"({process_count}): each process draws an equal share of every batch"
+        )
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data, secrets left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("secret"):
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def save_resolved(cfg: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to `<run_dir>/config.yaml` (no secrets); it loads back with `load_config`."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    path.write_text("# Resolved config of this run (secrets excluded).\n" + text, encoding="utf-8")
+    return path

@@ -1,0 +1,55 @@
+"""Per-problem sample metrics of SPEC 8: unbiased pass@k, mean@n and verl's bootstrap best@k."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) for c correct among n samples."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def best_at_k(values: Sequence[float], k: int, n_bootstrap: int = 1000, seed: int = 42) -> float:
+    """verl's best@k/mean: mean over bootstrap resamples (size k, with replacement) of the max."""
+    rng = np.random.RandomState(seed)
+    values = np.asarray(values, dtype=np.float64)
+    # verl draws each resample with np.random.choice under np.random.seed(seed); RandomState(seed) is the same stream.
+    draws = [values[rng.choice(len(values), size=k, replace=True)].max() for _ in range(n_bootstrap)]
+    return float(np.mean(draws))
+
+
+def bootstrap_sizes(n: int) -> list[int]:
+    """verl's subset sizes for n samples: 2, 4, 8, ... below n, then n."""
+    sizes, k = [], 2
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return sizes + [n]
+
+
+def problem_metrics(values: Sequence[float], ks: Sequence[int] = ()) -> dict[str, float]:
+    """mean@n, best@k/mean (verl's sizes) and pass@k (for `ks`) of one problem's 0/1 sample values."""
+    n = len(values)
+    out = {f"mean@{n}": float(np.mean(values))}
+    if n > 1:
+        for k in bootstrap_sizes(n):
+            out[f"best@{k}/mean"] = best_at_k(values, k)
+    correct = int(round(sum(values)))
+    for k in ks:
+        out[f"pass@{k}"] = pass_at_k(n, correct, k)
+    return out
+
+
+def average_metrics(per_problem: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean over problems of every metric name (problems lacking a name are left out of its mean)."""
+    names = sorted({name for metrics in per_problem.values() for name in metrics})
+    return {
+        name: float(np.mean([m[name] for m in per_problem.values() if name in m])) for name in names
+    }

@@ -1,0 +1,183 @@
+"""TensorBoard scalars and sample texts with verl's metric names (SPEC 9), a console line per step, and the pure
+statistics behind the reward/length metrics.
+
+Only the process that owns the writer (process 0 of a multi-host run) writes; others pass `enabled=False`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from kimina_jax.types import Sample
+
+# Shown on the console line, in this order, when present: (metric name, short label).
+CONSOLE_KEYS = (
+    ("critic/score/mean", "score"),
+    ("val-core/minif2f_test/acc/mean@8", "val_acc"),
+    ("response_length/mean", "resp_len"),
+    ("actor/pg_loss", "pg_loss"),
+    ("actor/grad_norm", "grad_norm"),
+    ("actor/ppo_kl", "kl"),
+    ("rollout/logprob_diff_mean", "lp_diff"),
+    ("reward/unverified", "unverified"),
+    ("perf/time_per_step", "step_s"),
+)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def score_stats(scores: Sequence[float]) -> dict[str, float]:
+    """`critic/score/{mean,max,min}` over responses."""
+    s = np.asarray(scores, dtype=np.float64)
+    return {
+        "critic/score/mean": float(s.mean()),
+        "critic/score/max": float(s.max()),
+        "critic/score/min": float(s.min()),
+    }
+
+
+def advantage_stats(advantages: Sequence[float], response_lengths: Sequence[int]) -> dict[str, float]:
+    """`critic/advantages/{mean,max,min}` over response tokens, as verl computes them.
+
+    Every token of response i carries advantage A_i, so the token mean weights A_i by the response length.
+    """
+    a = np.asarray(advantages, dtype=np.float64)
+    n = np.asarray(response_lengths, dtype=np.float64)
+    has_tokens = n > 0
+    return {
+        "critic/advantages/mean": float((a * n).sum() / n.sum()),
+        "critic/advantages/max": float(a[has_tokens].max()),
+        "critic/advantages/min": float(a[has_tokens].min()),
+    }
+
+
+def length_stats(prefix: str, lengths: Sequence[int], max_length: int) -> dict[str, float]:
+    """`{prefix}/{mean,max,min,clip_ratio}`; clip_ratio = share of sequences that reached `max_length`."""
+    n = np.asarray(lengths, dtype=np.float64)
+    return {
+        f"{prefix}/mean": float(n.mean()),
+        f"{prefix}/max": float(n.max()),
+        f"{prefix}/min": float(n.min()),
+        f"{prefix}/clip_ratio": float((n >= max_length).mean()),
+    }
+
+
+def logprob_diff_stats(
+    engine_logprobs: Iterable[np.ndarray], trainer_logprobs: Iterable[np.ndarray]
+) -> dict[str, float]:
+    """`rollout/logprob_diff_{mean,max}`: |sampler log-prob - trainer old log-prob| over all response tokens.
+
+    A weight-sync or numerics bug shows up here first (SPEC 4).
+    """
+    pairs = zip(engine_logprobs, trainer_logprobs, strict=True)
+    diffs = np.concatenate([np.abs(np.asarray(e, np.float64) - np.asarray(t, np.float64)) for e, t in pairs])
+    return {"rollout/logprob_diff_mean": float(diffs.mean()), "rollout/logprob_diff_max": float(diffs.max())}
+
+
+def format_error_counts(samples: Sequence[Sample], known_errors: Sequence[str] = (), turns: int = 2) -> dict[str, int]:
+    """`format_error/turn_{t}/<error string>` counts; `known_errors` are reported (as 0) even when absent."""
+    counts = {f"format_error/turn_{t}/{error}": 0 for t in range(1, turns + 1) for error in known_errors}
+    for sample in samples:
+        key = f"format_error/turn_{sample.prompt.turn}/{sample.format_error}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def console_line(step: int, metrics: Mapping[str, float]) -> str:
+    """One line per step: the headline numbers that are present."""
+    parts = [f"step {step}"]
+    for key, label in CONSOLE_KEYS:
+        if key in metrics:
+            parts.append(f"{label} {_short(metrics[key])}")
+    return " | ".join(parts)
+
+
+def _short(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and float(value).is_integer() and abs(value) >= 1):
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------- writer
+class MetricsWriter:
+    """Writes scalars and sample texts to `<run_dir>/tensorboard` and a console line, on process 0 only."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        console: bool = True,
+        num_text_samples: int = 2,
+    ):
+        self.enabled = enabled
+        self.console = console and enabled
+        self.num_text_samples = num_text_samples
+        self.logdir = Path(run_dir) / "tensorboard"
+        self._writer = None
+        if enabled and tensorboard:
+            from tensorboardX import FileWriter
+
+            self._writer = FileWriter(str(self.logdir))
+
+    def log_step(self, step: int, metrics: Mapping[str, float], samples: Sequence[Sample] = ()) -> None:
+        """Scalars, a few sample texts, and the console line for one training step."""
+        self.scalars(step, metrics)
+        if samples:
+            self.samples(step, samples)
+        if self.console:
+            from tqdm import tqdm
+
+            tqdm.write(console_line(step, metrics))  # keeps active progress bars intact
+        self.flush()
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One event per step. Tags are written verbatim (`SummaryWriter.add_scalar` would rewrite `mean@8` to
+        `mean_8` and spaces in the format-error names to `_`), so they read exactly as SPEC 9 / verl name them."""
+        if self._writer is None:
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=name, simple_value=float(v)) for name, v in metrics.items() if v is not None]
+        self._writer.add_summary(Summary(value=values), global_step=step)
+
+    def samples(self, step: int, samples: Sequence[Sample], tag: str = "samples") -> None:
+        """The first `num_text_samples` samples as Markdown text under `{tag}/turn_{t}`."""
+        if self._writer is None:
+            return
+        from tensorboardX.summary import text
+
+        for i, sample in enumerate(samples[: self.num_text_samples]):
+            self._writer.add_summary(text(f"{tag}/turn_{sample.prompt.turn}/{i}", sample_markdown(sample)), step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def sample_markdown(sample: Sample) -> str:
+    verdict = sample.verdict.status if sample.verdict is not None else "not sent (no proof found)"
+    lines = [
+        f"**statement** `{sample.prompt.statement_id}` (turn {sample.prompt.turn}) · **score** {sample.score:g} · "
+        f"**acc** {sample.acc:g} · **format** {sample.format_error} · **Lean** {verdict}",
+        "",
+        "**response**",
+        "",
+        _fenced(sample.completion.text),
+    ]
+    if sample.feedback:
+        lines += ["", "**feedback**", "", _fenced(sample.feedback)]
+    return "\n".join(lines)
+
+
+def _fenced(text: str) -> str:
+    # Indented code keeps the response's own ``` fences from closing the block.
+    return "\n".join("    " + line for line in text.splitlines())

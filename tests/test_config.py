@@ -1,0 +1,217 @@
+"""Config: recipes load with SPEC 10 numbers; typos, bad types and impossible combinations give one clear error."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kimina_jax.config import (
+    RECIPE_DIR,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    parse_cli,
+    save_resolved,
+    validate_for_devices,
+)
+from kimina_jax.errors import KiminaError
+
+REPO = Path(__file__).resolve().parents[1]
+LEAN_ENV = {"LEAN_SERVER_API_URL": "http://localhost"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model", "batch", "mini", "prompt_len", "response_len", "error_fix", "val_first", "limit"),
+    [
+        ("kimina_prover_1.7B", "AI-MO/Kimina-Prover-Distill-1.7B", 256, 32, 8192, 24576, True, True, None),
+        ("kimina_prover_0.6B", "AI-MO/Kimina-Prover-Distill-0.6B", 256, 32, 8192, 24576, True, True, None),
+        ("dry_run", "AI-MO/Kimina-Prover-Distill-1.7B", 8, 8, 1684, 6508, False, False, 8),
+    ],
+)
+def test_recipes_have_spec_numbers(recipe, model, batch, mini, prompt_len, response_len, error_fix, val_first, limit):
+    cfg = load_config(recipe, env=LEAN_ENV)
+    assert cfg.model.path == model
+    assert (cfg.data.train_batch_size, cfg.algorithm.ppo_mini_batch_size, cfg.rollout.n) == (batch, mini, 8)
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (prompt_len, response_len)
+    assert cfg.rollout.max_tokens == cfg.algorithm.loss_norm_length == response_len
+    assert cfg.data.error_fix.enabled is error_fix
+    assert (cfg.data.error_fix.rate, cfg.data.error_fix.cache_size) == (0.5, 5000)
+    assert cfg.trainer.val_before_train is val_first
+    assert (cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.trainer.total_epochs) == (5, 5, 15)
+    assert cfg.data.train.limit == cfg.data.val.limit == limit
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (2e-6, 0.01, 1.0)
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.clip_c) == (0.2, 0.3, 3.0)
+    assert cfg.algorithm.loss_agg_mode == "seq-mean-token-sum-norm" and not cfg.algorithm.norm_adv_by_std
+    assert (cfg.rollout.val.n, cfg.rollout.val.temperature, cfg.rollout.val.top_p) == (8, 1.0, 0.95)
+    assert (cfg.rollout.vllm.gpu_memory_utilization, cfg.rollout.vllm.tensor_parallel_size) == (0.6, 1)
+    assert (cfg.verifier.kind, cfg.verifier.url, cfg.verifier.timeout_s) == ("lean", "http://localhost", 60.0)
+    assert (cfg.verifier.batch_size, cfg.verifier.max_in_flight, cfg.verifier.retries) == (8, 40, 3)
+
+
+def test_real_recipe_needs_lean_server_url():
+    with pytest.raises(KiminaError, match="LEAN_SERVER_API_URL"):
+        load_config("kimina_prover_1.7B", env={})
+
+
+def test_tiny_verifier_follows_environment():
+    assert load_config(env={}).verifier.kind == "standin"
+    cfg = load_config("tiny", env={"LEAN_SERVER_API_URL": "http://lean:8000"})
+    assert (cfg.verifier.kind, cfg.verifier.url) == ("lean", "http://lean:8000")
+
+
+def test_tiny_is_the_shipped_default_and_repo_configs_are_the_same_files():
+    cfg = load_config(None, env={})
+    assert (cfg.model.path, cfg.data.tokenizer, cfg.rollout.engine) == ("tiny", "tiny", "jax")
+    assert cfg.data.train.files == ["bundled:train.jsonl"]
+    shipped = sorted(p.name for p in RECIPE_DIR.glob("*.yaml"))
+    assert shipped == ["dry_run.yaml", "kimina_prover_0.6B.yaml", "kimina_prover_1.7B.yaml", "tiny.yaml"]
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == shipped
+    assert load_config(REPO / "configs" / "tiny.yaml", env={}) == cfg
+
+
+def test_overrides_and_run_dir():
+    cfg = load_config(
+        "tiny",
+        ["rollout.n=2", "data.train.files=[a.jsonl, b.parquet]", "optim.lr=3e-5", "data.val.where={split: test}"],
+        run_dir="/tmp/somewhere",
+        env={},
+    )
+    assert cfg.rollout.n == 2
+    assert cfg.data.train.files == ["a.jsonl", "b.parquet"]
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.data.val.where == {"split": "test"}
+    assert cfg.run_dir == Path("/tmp/somewhere")
+    assert load_config("tiny", env={}).run_dir == Path("runs/tiny")
+
+
+def test_parse_cli():
+    cfg = parse_cli(["--config", "tiny", "--run-dir", "r", "rollout.n=3"])
+    assert (cfg.rollout.n, cfg.trainer.run_dir) == (3, "r")
+
+
+def test_typo_in_key_names_key_and_allowed_keys(tmp_path):
+    with pytest.raises(KiminaError) as err:
+        load_config("tiny", ["rollout.temprature=0.5"], env={})
+    message = str(err.value)
+    assert "'rollout.temprature'" in message and "did you mean 'temperature'" in message
+    assert "engine, n, temperature, top_p" in message
+
+    with pytest.raises(KiminaError, match=r"unknown key 'trainr'.*allowed keys here: experiment, model, data"):
+        load_config(write(tmp_path, "trainr: {save_freq: 1}\n"), env=LEAN_ENV)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rollout.n=four", r"'rollout.n' must be an int, got 'four'"),
+        ("data.filter_overlong_prompts=3", r"'data.filter_overlong_prompts' must be a bool, got 3"),
+        ("rollout.engine=vlm", r"'rollout.engine' must be one of 'jax', 'vllm', 'vllm-server', got 'vlm'"),
+        ("data.train.files=x.jsonl", r"'data.train.files' must be a list \(items: a string\), got 'x.jsonl'"),
+        ("rollout.vllm=3", r"'rollout.vllm' must be a mapping"),
+        ("optim.lr=fast", r"'optim.lr' must be a number, got 'fast'"),
+        ("trainer.total_steps=1.5", r"'trainer.total_steps' must be an int or null, got 1.5"),
+    ],
+)
+def test_bad_type_names_key_and_expected_type(override, expected):
+    with pytest.raises(KiminaError, match=expected):
+        load_config("tiny", [override], env={})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["algorithm.ppo_mini_batch_size=3"], r"ppo_mini_batch_size \(3\) must divide data.train_batch_size \(4\)"),
+        (["data.error_fix.rate=1.5"], r"'data.error_fix.rate' must be in \[0, 1\]"),
+        (["rollout.n=0"], r"'rollout.n' must be > 0"),
+        (["rollout.vllm.max_model_len=100"], r"max_model_len \(100\) is below max prompt \+ response length \(576\)"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one mesh axis may be -1"),
+        (["rollout.engine=vllm-server"], r"rollout.servers.urls is empty"),
+        (["rollout.max_tokens=99"], r"'rollout.max_tokens' is derived from data.max_response_length \(64\)"),
+        (["model.tiny.head_dim=16"], r"head_dim must be >= 32"),
+        (["model.path=/models/qwen3", "verifier.url=http://lean"], r"data.tokenizer 'tiny' only fits model.path"),
+        (["model.path=/models/qwen3", "data.tokenizer=null", "verifier.kind=standin"], r"'standin' is only for"),
+    ],
+)
+def test_impossible_combinations(overrides, expected):
+    with pytest.raises(KiminaError, match=expected):
+        load_config("tiny", overrides, env={})
+
+
+def test_standin_never_allowed_in_real_recipe():
+    with pytest.raises(KiminaError, match="'standin' is only for the tiny recipe"):
+        load_config("kimina_prover_1.7B", ["verifier.kind=standin"], env=LEAN_ENV)
+    with pytest.raises(KiminaError, match="'standin' is only for the tiny recipe"):
+        load_config("kimina_prover_1.7B", ["verifier.kind=auto"], env={})
+
+
+def test_api_key_comes_only_from_environment_and_is_never_written(tmp_path):
+    secret = "sk-very-secret-123"
+    cfg = load_config("tiny", env={"LEAN_SERVER_API_URL": "http://lean", "LEAN_SERVER_API_KEY": secret})
+    assert cfg.verifier.api_key == secret
+    assert secret not in repr(cfg)
+    path = save_resolved(cfg, tmp_path / "run")
+    assert secret not in path.read_text()
+    assert "api_key" not in str(config_to_dict(cfg))
+    with pytest.raises(KiminaError, match="LEAN_SERVER_API_KEY"):
+        load_config("tiny", [f"verifier.api_key={secret}"], env={})
+
+
+def test_resolved_config_loads_back_identically(tmp_path):
+    env = {"LEAN_SERVER_API_URL": "http://lean"}
+    cfg = load_config("dry_run", ["rollout.n=4"], run_dir=tmp_path / "run", env=env)
+    path = save_resolved(cfg, cfg.run_dir)
+    assert path == tmp_path / "run" / "config.yaml"
+    assert yaml.safe_load(path.read_text())["rollout"]["max_tokens"] == 6508
+    assert load_config(path, env={}) == cfg
+
+
+def test_validate_for_devices():
+    cfg = load_config("tiny", env={})
+    assert validate_for_devices(cfg, 8) == (1, 8, 1)
+    cfg = load_config("tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], env={})
+    assert validate_for_devices(cfg, 8) == (2, 2, 2)
+    with pytest.raises(KiminaError, match="mesh data=2 x fsdp=2 x tensor=2 needs 8 devices, but 4 are available"):
+        validate_for_devices(cfg, 4)
+    cfg = load_config("tiny", ["mesh.tensor=3"], env={})
+    with pytest.raises(KiminaError, match=r"mesh data=1 x fsdp=-1 x tensor=3: 8 devices do not divide by 3"):
+        validate_for_devices(cfg, 8)
+    with pytest.raises(KiminaError, match=r"train_batch_size \(4\) must be divisible by the number of processes \(3\)"):
+        validate_for_devices(load_config("tiny", env={}), 3, process_count=3)
+
+
+def test_float_written_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `2e-6` as a string; the loader takes it as the number it plainly is.
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 2e-6\n"), env=LEAN_ENV)
+    assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
+
+
+def test_defaults_are_the_recipe():
+    cfg = TrainConfig()
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
+    assert (cfg.data.error_fix.max_feedback_chars, cfg.verifier.timeout_s) == (3000, 60.0)
+
+
+def test_installed_default_runs_without_repo_configs(tmp_path):
+    """`load_config()` finds tiny.yaml inside the package, from any working directory."""
+    code = "from kimina_jax.config import load_config; print(load_config(env={}).experiment.name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "tiny"
+
+
+def test_format_section_matches_the_reward_thresholds():
+    import dataclasses
+
+    from kimina_jax.reward.format import FormatThresholds
+
+    section = dataclasses.asdict(load_config("tiny", env={}).reward.format)
+    assert FormatThresholds(**{**section, "forbidden_words": tuple(section["forbidden_words"])}) == FormatThresholds()

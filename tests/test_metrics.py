@@ -1,0 +1,128 @@
+"""Metrics: the statistics against direct numpy on token arrays; event files read back with TensorBoard."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from kimina_jax.metrics import (
+    MetricsWriter,
+    advantage_stats,
+    console_line,
+    format_error_counts,
+    length_stats,
+    logprob_diff_stats,
+    score_stats,
+)
+from kimina_jax.types import Completion, Prompt, Sample, Verdict
+
+
+def test_score_and_advantage_stats_match_token_level_numpy():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 2, size=16).astype(float)
+    groups = scores.reshape(4, 4)
+    advantages = (groups - groups.mean(axis=1, keepdims=True)).ravel()
+    lengths = rng.integers(0, 50, size=16)
+    lengths[3] = 0
+    # verl's way: a [responses, max_len] advantage matrix masked by the response mask
+    mask = np.arange(50)[None, :] < lengths[:, None]
+    token_adv = np.broadcast_to(advantages[:, None], mask.shape)[mask]
+
+    assert score_stats(scores) == pytest.approx(
+        {"critic/score/mean": scores.mean(), "critic/score/max": scores.max(), "critic/score/min": scores.min()}
+    )
+    assert advantage_stats(advantages, lengths) == pytest.approx(
+        {
+            "critic/advantages/mean": token_adv.mean(),
+            "critic/advantages/max": token_adv.max(),
+            "critic/advantages/min": token_adv.min(),
+        }
+    )
+
+
+def test_length_stats_and_clip_ratio():
+    lengths = np.array([10, 64, 30, 64, 5])
+    assert length_stats("response_length", lengths, max_length=64) == pytest.approx(
+        {
+            "response_length/mean": lengths.mean(),
+            "response_length/max": 64,
+            "response_length/min": 5,
+            "response_length/clip_ratio": 2 / 5,
+        }
+    )
+    assert length_stats("prompt_length", [3, 4], 512)["prompt_length/clip_ratio"] == 0.0
+
+
+def test_logprob_diff_stats():
+    engine = [np.array([-1.0, -2.0]), np.array([-0.5])]
+    trainer = [np.array([-1.1, -2.0]), np.array([-0.25])]
+    diffs = np.abs(np.concatenate(engine) - np.concatenate(trainer))
+    assert logprob_diff_stats(engine, trainer) == pytest.approx(
+        {"rollout/logprob_diff_mean": diffs.mean(), "rollout/logprob_diff_max": diffs.max()}
+    )
+
+
+RESPONSE = "<think>\nplan\n</think>\n```lean4\ntheorem t : True := by\n  trivial\n```"
+
+
+def sample(turn: int, error: str, text: str = RESPONSE) -> Sample:
+    prompt = Prompt("lean_workbook_1", (), "theorem t : True := by sorry", (1, 2), turn=turn)
+    completion = Completion(0, 0, (3, 4), text, np.zeros(2, np.float32), "stop")
+    return Sample(prompt, completion, Verdict("lean_error"), 0.0, 0.0, error, feedback="# Error 1:\nbad")
+
+
+def test_format_error_counts():
+    errors = ("No error.", "Could not find a valid lean4 code block.")
+    samples = [sample(1, errors[1]), sample(1, errors[1]), sample(2, errors[0])]
+    counts = format_error_counts(samples, known_errors=errors)
+    assert counts == {
+        "format_error/turn_1/No error.": 0,
+        "format_error/turn_1/Could not find a valid lean4 code block.": 2,
+        "format_error/turn_2/No error.": 1,
+        "format_error/turn_2/Could not find a valid lean4 code block.": 0,
+    }
+
+
+SPEC9_TAGS = [
+    "critic/score/mean", "critic/advantages/max", "response_length/clip_ratio", "prompt_length/mean",
+    "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy",
+    "actor/grad_norm", "actor/lr", "format_error/turn_1/Could not find a valid lean4 code block.",
+    "multiturn/turn_1/added_in_database", "val-core/minif2f_test/acc/mean@8", "val-core/minif2f_test/acc/best@8/mean",
+    "val-aux/minif2f_test/acc_turn_2/best@8/mean", "perf/throughput", "timing_s/gen", "rollout/logprob_diff_mean",
+    "reward/unverified", "reward/cache_hit_rate",
+]
+
+
+def test_event_files_hold_the_tags_and_texts(tmp_path, capsys):
+    writer = MetricsWriter(tmp_path, num_text_samples=1)
+    for step in (1, 2):
+        metrics = {tag: float(step) + i / 100 for i, tag in enumerate(SPEC9_TAGS)}
+        writer.log_step(step, metrics, samples=[sample(1, "No error."), sample(2, "No error.")])
+    writer.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(SPEC9_TAGS)
+    values = events.Scalars("actor/grad_norm")
+    assert [(e.step, round(e.value, 4)) for e in values] == [(1, 1.09), (2, 2.09)]
+    texts = events.Tags()["tensors"]
+    assert texts == ["samples/turn_1/0/text_summary"]  # num_text_samples=1
+    text = events.Tensors(texts[0])[0].tensor_proto.string_val[0].decode()
+    assert "lean_workbook_1" in text and "    theorem t : True := by" in text
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("step 2 | score 2 | val_acc 2.13 |")
+
+
+def test_other_processes_write_nothing(tmp_path, capsys):
+    writer = MetricsWriter(tmp_path, enabled=False)
+    writer.log_step(1, {"critic/score/mean": 0.5}, samples=[sample(1, "No error.")])
+    writer.close()
+    assert not (tmp_path / "tensorboard").exists()
+    assert capsys.readouterr().out == ""
+
+
+def test_console_line():
+    line = console_line(7, {"critic/score/mean": 0.25, "response_length/mean": 512.0, "actor/grad_norm": 0.0123,
+                            "perf/time_per_step": 12.5, "unrelated": 1.0})
+    assert line == "step 7 | score 0.25 | resp_len 512 | grad_norm 0.0123 | step_s 12.5"
