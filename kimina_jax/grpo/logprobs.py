@@ -21,32 +21,35 @@ def chunked_logprobs(
 ) -> tuple[jax.Array, jax.Array | None]:
     """log p(target) and entropy of softmax(hidden @ lm_head / temperature), shapes [B, T].
 
-    hidden [B, T, H] (compute dtype), lm_head [H, V], targets [B, T] int.
+    hidden [B, T, H] (compute dtype), lm_head [H, V], targets [B, T] int. A chunk holds about `chunk_size`
+    tokens: the same `chunk_size // B` (at least 1) positions of every row. Chunks cut the length axis, not
+    the rows, because rows are what a mesh shards: each device then works on its own rows (chunks of the
+    flattened tokens would gather every row onto every device).
     """
-    batch, length, width = hidden.shape
-    total = batch * length
-    chunk = min(chunk_size, total)
-    padded = -(-total // chunk) * chunk
-    flat_h = jnp.pad(hidden.reshape(total, width), ((0, padded - total), (0, 0)))
-    flat_t = jnp.pad(targets.reshape(total).astype(jnp.int32), (0, padded - total))
+    batch, length, _ = hidden.shape
+    chunk = max(1, min(length, chunk_size // batch))
+    padded = -(-length // chunk) * chunk
+
+    def chunked(x):  # [B, T, ...] -> [chunks, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, padded // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def unchunked(x):  # [chunks, B, chunk] -> [B, T]
+        return jnp.moveaxis(x, 0, 1).reshape(batch, padded)[:, :length]
 
     @jax.checkpoint
     def one_chunk(args):
         h, t = args
         logits = jnp.dot(h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
+        logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
         if not with_entropy:
             return logp, jnp.zeros_like(logp)
-        probs = jnp.exp(logits - lse[:, None])
+        probs = jnp.exp(logits - lse[..., None])
         return logp, lse - jnp.sum(probs * logits, axis=-1)
 
-    logp, entropy = jax.lax.map(
-        one_chunk, (flat_h.reshape(-1, chunk, width), flat_t.reshape(-1, chunk))
-    )
-    logp = logp.reshape(padded)[:total].reshape(batch, length)
-    entropy = entropy.reshape(padded)[:total].reshape(batch, length)
-    return logp, entropy if with_entropy else None
+    logp, entropy = jax.lax.map(one_chunk, (chunked(hidden), chunked(targets.astype(jnp.int32))))
+    return unchunked(logp), unchunked(entropy) if with_entropy else None
 
 
 def token_logprobs(
