@@ -5,4 +5,4 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins: list[str] = ["tests.model_fixtures"]
+pytest_plugins: list[str] = ["tests.model_fixtures", "tests.lean_harness.fixtures", "tests.rollout_fixtures"]

@@ -1,0 +1,26 @@
+"""Rollout engines: the built-in JAX sampler and vLLM fed the trainer's weights (SPEC 4)."""
+from kimina_jax.rollout.base import (
+    LogprobDiff,
+    RolloutEngine,
+    SamplingParams,
+    as_model,
+    check_prompts,
+    find_eos_token_ids,
+    logprob_diff,
+    make_completion,
+)
+from kimina_jax.rollout.jax_sampler import JaxSampler
+from kimina_jax.rollout.vllm_engine import VllmEngine
+
+__all__ = [
+    "JaxSampler",
+    "LogprobDiff",
+    "RolloutEngine",
+    "SamplingParams",
+    "VllmEngine",
+    "as_model",
+    "check_prompts",
+    "find_eos_token_ids",
+    "logprob_diff",
+    "make_completion",
+]

@@ -1,0 +1,36 @@
+"""The rollout engine a recipe's `rollout` section asks for, fed the trainer's model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kimina_jax.errors import KiminaError
+from kimina_jax.models import Qwen3ForCausalLM
+from kimina_jax.rollout.base import RolloutEngine
+from kimina_jax.rollout.jax_sampler import JaxSampler
+
+
+def make_engine(
+    rollout_cfg, model: Qwen3ForCausalLM | None, tokenizer, model_dir: str | Path | None = None
+) -> RolloutEngine:
+    """`jax`: the built-in sampler on `model`. `vllm`: vLLM started from `model_dir` (an HF folder; random
+    weights when it holds only config.json), then given `model`'s weights; with `model` None (evaluation of an
+    HF folder) vLLM keeps the folder's own weights and no Flax copy is needed."""
+    if rollout_cfg.engine == "jax":
+        if model is None:
+            raise KiminaError("rollout.engine 'jax' samples with the Flax model: load it first")
+        return JaxSampler(model, tokenizer=tokenizer)
+    if rollout_cfg.engine == "vllm":
+        from kimina_jax.rollout.vllm_engine import VllmEngine
+
+        if model_dir is None:
+            raise KiminaError("rollout.engine 'vllm' needs the model's HF folder (config.json) to start from")
+        has_weights = any(Path(model_dir).glob("*.safetensors"))
+        if model is None and not has_weights:
+            raise KiminaError(f"{model_dir}: no *.safetensors weights, and no model given to push into vLLM")
+        engine = VllmEngine.from_config(
+            rollout_cfg.vllm, model_dir, tokenizer=tokenizer, load_format="auto" if has_weights else "dummy"
+        )
+        if model is not None:
+            engine.update_weights(model)
+        return engine
+    raise KiminaError(f"rollout.engine {rollout_cfg.engine!r} is not available here (choose 'jax' or 'vllm')")

@@ -1,0 +1,280 @@
+"""vLLM in the trainer's process, fed the trainer's weights in memory after every step.
+
+What the installed vLLM offers decides the path, once, at start (facts read from vLLM 0.32's source, SPEC 12):
+- The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker): the weight stream and its
+  tensors reach the worker as Python objects, so GPU tensors stay zero-copy DLPack views of the JAX arrays.
+- Torch backends (CUDA, CPU): the worker's `reload_weights(weights_iterator=...)` (layerwise in-place reload),
+  called through `LLM.collective_rpc` with a lazy (HF name, torch.Tensor) stream from `weights.py`. It re-runs
+  the backend's weight processing, which is why the plain `model.load_weights` is not used: on the CPU backend
+  weights are repacked after loading and a second `load_weights` fails. vLLM's weight-transfer engines
+  (`init_weight_transfer_engine` / `update_weights`, NCCL or CUDA IPC) move weights between processes; with the
+  engine in this process they would only add copies, so they are not used.
+- TPU (tpu-inference, weights are JAX arrays): `tpu_inference.push_weights` (not run in this project's CI).
+- Then `reset_prefix_cache()`: cached prompt KV was computed with the old weights.
+- tensor_parallel_size > 1 puts workers in other processes: generation works, the in-memory push does not
+  (`update_weights` says so); it would need vLLM's NCCL/IPC weight transfer.
+
+Log-probs: `logprobs_mode="processed_logprobs"`, so vLLM reports log_softmax(logits / temperature) at the sampled
+token, the trainer's definition, whenever no top-k / top-p filter is set (the training recipe: top_p 1). With a
+filter vLLM renormalises over the kept tokens and the numbers are that distribution's; the "raw" mode would
+instead ignore the temperature. Greedy requests get log_softmax(logits).
+
+Text is decoded here with the caller's tokenizer (vLLM runs without one), and stop ids are passed explicitly,
+so both engines stop on the same ids. Sleep mode (where vLLM has it: CUDA, ROCm, XPU) uses level 1: weights go
+to host memory, the KV cache is dropped. Elsewhere (the CPU backend) `enable_sleep_mode` is ignored and
+`sleep`/`wake` only guard against use while asleep.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from kimina_jax.errors import KiminaError
+from kimina_jax.models import Qwen3Config, abstract_model
+from kimina_jax.rollout.base import (
+    RolloutEngine,
+    SamplingParams,
+    as_model,
+    check_prompts,
+    find_eos_token_ids,
+    make_completion,
+)
+from kimina_jax.types import Completion
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'kimina-jax[gpu]' on a GPU host, or 'kimina-jax[cpu-vllm]' on CPU"
+_ARCHITECTURE = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "tie_word_embeddings",
+)
+
+
+class VllmEngine(RolloutEngine):
+    """`vllm.LLM` started from an HF folder (`load_format="dummy"`: config.json only, random weights).
+
+    `engine_kwargs` go to `vllm.LLM` as they are (and win over the arguments above). `last_sync_s` is the
+    duration of the last weight push.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        tokenizer=None,
+        eos_token_ids: Sequence[int] | None = None,
+        load_format: str = "auto",
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.6,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        enable_sleep_mode: bool = False,
+        seed: int = 0,
+        engine_kwargs: dict[str, Any] | None = None,
+    ):
+        self.config = Qwen3Config.from_pretrained(model_path)
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            log.info("vLLM has no sleep mode on %s: sleep() and wake() do nothing", current_platform.device_type)
+            enable_sleep_mode = False
+        args = dict(
+            model=str(model_path),
+            skip_tokenizer_init=True,
+            load_format=load_format,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+        )
+        args = {k: v for k, v in args.items() if v is not None}
+        self.llm = vllm.LLM(**{**args, **(engine_kwargs or {})})
+        self._vllm = vllm
+        self.tokenizer = tokenizer
+        self.eos_token_ids = (
+            tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None
+            else find_eos_token_ids(self.config, tokenizer, model_path)
+        )
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.sleep_mode = enable_sleep_mode
+        self.last_sync_s = 0.0
+        self._asleep = False
+        self._closed = False
+        self._graphdef = nnx.split(abstract_model(self.config))[0]
+        self._push = _choose_weight_push(self.llm)
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str | Path, **kwargs) -> "VllmEngine":
+        """From the recipe's `rollout.vllm` section (`config.VllmConfig`); `kwargs` as for the constructor."""
+        return cls(
+            model_path,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
+            kv_cache_memory_bytes=cfg.kv_cache_bytes,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=cfg.enforce_eager,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            **kwargs,
+        )
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        self._check_usable()
+        prompts = check_prompts(prompt_token_ids, params, self.max_model_len, self.config.vocab_size)
+        stop = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
+        requests = [
+            self._vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=max(params.top_k, 0),
+                max_tokens=params.max_tokens,
+                stop_token_ids=stop,
+                seed=None if params.seed is None else params.seed + i,
+                logprobs=0,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], requests, use_tqdm=False)
+        return [self._completions(i, output, params.n) for i, output in enumerate(outputs)]
+
+    def _completions(self, prompt_index: int, output, n: int) -> list[Completion]:
+        samples = sorted(output.outputs, key=lambda c: c.index)
+        indices = [c.index for c in samples]
+        if indices != list(range(n)):
+            raise KiminaError(f"vLLM returned samples {indices} for prompt {prompt_index}, expected {n}")
+        completions = []
+        for sample in samples:
+            if sample.finish_reason not in ("stop", "length"):
+                raise KiminaError(
+                    f"vLLM: prompt {prompt_index} sample {sample.index} ended with {sample.finish_reason!r}"
+                )
+            ids = list(sample.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
+            completions.append(make_completion(prompt_index, sample.index, ids, logprobs, sample.finish_reason,
+                                               self.tokenizer))
+        return completions
+
+    def update_weights(self, model_or_params: Any) -> None:
+        self._check_usable()
+        model = as_model(model_or_params, self._graphdef)
+        theirs = {k: getattr(self.config, k) for k in _ARCHITECTURE}
+        ours = {k: getattr(model.config, k) for k in _ARCHITECTURE}
+        if theirs != ours:
+            diff = {k: (ours[k], theirs[k]) for k in _ARCHITECTURE if ours[k] != theirs[k]}
+            raise KiminaError(
+                f"update_weights: the model's architecture differs from the engine's (ours, vLLM's): {diff}"
+            )
+        start = time.perf_counter()
+        self._push(self.llm, model)
+        self.llm.reset_prefix_cache()
+        self.last_sync_s = time.perf_counter() - start
+
+    def sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+        self._asleep = True
+
+    def wake(self) -> None:
+        if self.sleep_mode and self._asleep:
+            self.llm.wake_up()
+        self._asleep = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.llm.llm_engine.engine_core.shutdown()
+            del self.llm
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise KiminaError("VllmEngine: used after close()")
+        if self._asleep:
+            raise KiminaError("VllmEngine: asleep; call wake() before generating or pushing weights")
+
+
+def _import_vllm():
+    # The weight push hands Python objects to the worker: the engine core must live in this process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ModuleNotFoundError as err:
+        if err.name != "vllm":
+            raise KiminaError(f"vLLM failed to import: {err} ({INSTALL_HINT})") from err
+        raise KiminaError(f"the vllm engine needs vLLM, which is not installed: {INSTALL_HINT}") from err
+    _silence_rotary_reload_warning()
+    return vllm
+
+
+def _choose_weight_push(llm):
+    """The weight-push function for this vLLM build and platform (see the module docstring)."""
+    from vllm.platforms import current_platform
+
+    executor = getattr(llm.llm_engine, "model_executor", None)
+    if getattr(executor, "driver_worker", None) is None:
+        return _not_in_process
+    if current_platform.is_tpu():
+        from kimina_jax.rollout.tpu_inference import push_weights
+
+        return push_weights
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if "weights_iterator" not in inspect.signature(GPUModelRunner.reload_weights).parameters:
+        import vllm
+
+        raise KiminaError(
+            f"vLLM {vllm.__version__} has no in-place weight reload (worker.reload_weights(weights_iterator=...)); "
+            f"install a newer one: {INSTALL_HINT}"
+        )
+    return _reload_weights
+
+
+def _reload_weights(llm, model) -> None:
+    # weights.py imports torch, which vLLM brings; imported here so that the JAX sampler never needs torch.
+    from kimina_jax.rollout.weights import hf_torch_tensors
+
+    model_config = llm.llm_engine.model_config
+    device = llm.collective_rpc(lambda worker: worker.device)[0]
+    stream = hf_torch_tensors(model, device=device, dtype=model_config.dtype)
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+
+
+def _not_in_process(llm, model) -> None:
+    raise KiminaError(
+        "update_weights: vLLM's workers run in other processes (tensor_parallel_size > 1, or "
+        "VLLM_ENABLE_V1_MULTIPROCESSING was 1 when vLLM first started in this process); the in-memory weight "
+        "push needs tensor_parallel_size=1"
+    )
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's 'RotaryEmbedding: Failed to load weights': its cos/sin buffer has no checkpoint tensor and is
+    kept as it is on every reload, which is right, but the warning would show after every training step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _silence_rotary_reload_warning() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())

@@ -1,0 +1,305 @@
+"""The JAX sampler against transformers and the trainer's log-probs, its sampling statistics, the weight stream
+for vLLM, the log-prob mismatch metric and the tpu-inference layout."""
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kimina_jax.data.tokenizer import build_tiny_tokenizer
+from kimina_jax.errors import KiminaError
+from kimina_jax.models import iter_hf_tensors, load_hf_checkpoint
+from kimina_jax.rollout import JaxSampler, SamplingParams, VllmEngine, logprob_diff, make_completion
+from kimina_jax.rollout.tpu_inference import to_tpu_inference_layout
+from kimina_jax.rollout.weights import hf_torch_tensors
+from tests.rollout_fixtures import perturbed, trainer_logprobs
+from tests.tiny_models import make_hf_model, save_hf_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 40))]  # different lengths, batched together
+EOS = 2  # tests/tiny_models.py
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_hf_folder):
+    return load_hf_checkpoint(tiny_hf_folder)
+
+
+@pytest.fixture(scope="module")
+def vocab8_model(tmp_path_factory):
+    """A tiny model over 8 tokens whose next-token distributions are far from uniform (scaled lm_head)."""
+    hf_model = make_hf_model(tie=False, seed=3, vocab_size=8)
+    with torch.no_grad():
+        hf_model.lm_head.weight.mul_(2.0)
+    return load_hf_checkpoint(save_hf_model(hf_model, tmp_path_factory.mktemp("vocab8")))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's test of `counts` against `probs` (categories with probability 0 must have no counts)."""
+    assert counts[probs == 0].sum() == 0
+    expected = counts.sum() * probs[probs > 0]
+    stat = float((((counts[probs > 0] - expected) ** 2) / expected).sum())
+    dof = int((probs > 0).sum()) - 1
+    return float(jax.scipy.special.gammaincc(dof / 2, stat / 2))
+
+
+# ------------------------------------------------------------------------------------------------ JaxSampler
+def test_greedy_matches_transformers_generate(hf_folder):
+    folder, hf_model = hf_folder
+    out = JaxSampler(load_hf_checkpoint(folder)).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    for prompt, (completion,) in zip(PROMPTS, out):
+        with torch.no_grad():
+            generated = hf_model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0
+            )
+        expected = generated[0, len(prompt):].tolist()
+        assert list(completion.token_ids) == expected
+        assert completion.finish_reason == ("stop" if expected[-1] == EOS else "length")
+
+
+def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
+    sampler = JaxSampler(tiny_model)
+    filtered = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=50, max_tokens=10, seed=1)
+    sampled = sampler.generate(PROMPTS, filtered)  # the log-probs stay those of the full distribution
+    greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10))
+    for completions, temperature in ((sampled, 0.7), (greedy, 0.0)):
+        for completion in (c for row in completions for c in row):
+            prompt = PROMPTS[completion.prompt_index]
+            expected = trainer_logprobs(tiny_model, prompt, completion.token_ids, temperature)
+            np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_first_token_frequencies_follow_the_softmax(vocab8_model, temperature):
+    prompt, n = [1, 5, 3, 7], 6000
+    probs = softmax(np.asarray(vocab8_model(jnp.asarray([prompt]))[0][0, -1], np.float64) / temperature)
+    assert probs.max() > 0.25 and probs.min() * n >= 5  # skewed, yet every token expected often enough
+    sampler = JaxSampler(vocab8_model, max_batch_rows=n)
+    (completions,) = sampler.generate([prompt], SamplingParams(n=n, temperature=temperature, max_tokens=1, seed=0))
+    counts = np.bincount([c.token_ids[0] for c in completions], minlength=8)
+    assert chi_square_p_value(counts, probs) > 1e-3
+    # The test has power: the same counts reject the distribution at twice the temperature.
+    wrong = softmax(np.log(probs) / 2)
+    assert chi_square_p_value(counts, wrong) < 1e-6
+
+
+def nucleus_mask(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of most likely tokens whose mass reaches top_p (independent of the sampler's code)."""
+    order = np.argsort(-probs, axis=-1)
+    sorted_probs = np.take_along_axis(probs, order, -1)
+    keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+    mask = np.zeros_like(keep_sorted)
+    np.put_along_axis(mask, order, keep_sorted, -1)
+    return mask
+
+
+def top_k_mask(probs: np.ndarray, k: int) -> np.ndarray:
+    kth = -np.sort(-probs, axis=-1)[..., k - 1 : k]
+    return probs >= kth
+
+
+@pytest.mark.parametrize("filter_kind", ["top_p", "top_k"])
+def test_filtered_sampling_stays_inside_the_kept_tokens(vocab8_model, filter_kind):
+    prompt, n, steps = [1, 5, 3, 7], 512, 6
+    params = (
+        SamplingParams(n=n, top_p=0.6, max_tokens=steps, seed=0) if filter_kind == "top_p"
+        else SamplingParams(n=n, top_k=3, max_tokens=steps, seed=0)
+    )
+    keep = (lambda p: nucleus_mask(p, 0.6)) if filter_kind == "top_p" else (lambda p: top_k_mask(p, 3))
+    sampler = JaxSampler(vocab8_model, eos_token_ids=(), max_batch_rows=n)  # no stop: every row has `steps` tokens
+    (completions,) = sampler.generate([prompt], params)
+    tokens = np.array([c.token_ids for c in completions])
+    sequences = np.concatenate([np.tile(prompt, (n, 1)), tokens], axis=1)
+    logits = np.asarray(vocab8_model(jnp.asarray(sequences))[0], np.float64)[:, len(prompt) - 1 : -1]
+    kept = keep(softmax(logits))  # [n, steps, vocab]
+    assert np.take_along_axis(kept, tokens[..., None], -1).all(), "sampled a token outside the kept set"
+    # The first token's kept set is the same for every row: its frequencies follow the renormalised softmax there.
+    first = softmax(logits[0, 0]) * kept[0, 0]
+    assert 2 <= kept[0, 0].sum() < 8
+    assert chi_square_p_value(np.bincount(tokens[:, 0], minlength=8), first / first.sum()) > 1e-3
+
+
+def test_samples_come_back_grouped_complete_and_reproducible(tiny_model):
+    stop_ids = tuple(range(30, 90))  # many stop ids, so that some rows stop early
+    params = SamplingParams(n=3, max_tokens=8, seed=7, stop_token_ids=stop_ids)
+    small_batches = JaxSampler(tiny_model, max_batch_rows=2).generate(PROMPTS, params)
+    one_batch = JaxSampler(tiny_model, max_batch_rows=64).generate(PROMPTS, params)
+    assert len(small_batches) == len(PROMPTS)
+    stops = set(stop_ids) | {EOS}
+    for i, row in enumerate(small_batches):
+        assert [(c.prompt_index, c.sample_index) for c in row] == [(i, 0), (i, 1), (i, 2)]
+        for completion, same in zip(row, one_batch[i]):
+            assert completion.token_ids == same.token_ids  # batching does not change seeded samples
+            assert 1 <= len(completion.token_ids) <= 8 and completion.logprobs.shape == (len(completion.token_ids),)
+            assert not stops & set(completion.token_ids[:-1])
+            ends_on_stop = completion.token_ids[-1] in stops
+            assert completion.finish_reason == ("stop" if ends_on_stop else "length")
+            assert ends_on_stop or len(completion.token_ids) == 8
+            assert completion.text == ""  # no tokenizer given
+    assert any(c.finish_reason == "stop" for row in small_batches for c in row)
+    assert len({c.token_ids for row in small_batches for c in row}) > len(PROMPTS)  # samples differ
+    unseeded = JaxSampler(tiny_model)
+    first, second = (unseeded.generate(PROMPTS[:1], SamplingParams(n=4, max_tokens=8)) for _ in range(2))
+    assert [c.token_ids for c in first[0]] != [c.token_ids for c in second[0]]
+
+
+def test_text_is_the_tokenizers_decoding_without_special_tokens(tiny_model):
+    tokenizer = build_tiny_tokenizer()  # the tiny recipe's byte-level BPE; its EOS <|im_end|> is id 2 too
+    assert tokenizer.eos_token_id == EOS
+    sampler = JaxSampler(tiny_model, tokenizer=tokenizer)
+    assert sampler.eos_token_ids == (EOS,)
+    completions = sampler.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0))
+    for completion in (c for row in completions for c in row):
+        assert completion.text == tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
+    assert any(c.text for row in completions for c in row)
+
+
+def test_bad_requests_get_clear_errors(tiny_model):
+    sampler = JaxSampler(tiny_model)  # max_len: the config's 512 positions
+    with pytest.raises(KiminaError, match="prompt list is empty"):
+        sampler.generate([], SamplingParams())
+    with pytest.raises(KiminaError, match=r"prompt 1 has 500 tokens; with max_tokens=20 .*allowed prompt length: 492"):
+        sampler.generate([[3], [3] * 500], SamplingParams(max_tokens=20))
+    with pytest.raises(KiminaError, match="prompt 0 has token id 999, outside the vocabulary"):
+        sampler.generate([[1, 999]], SamplingParams())
+    with pytest.raises(KiminaError, match="prompt 0 has no tokens"):
+        sampler.generate([[]], SamplingParams())
+    for field, value in [("n", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0)]:
+        with pytest.raises(KiminaError, match=f"SamplingParams.{field}"):
+            SamplingParams(**{field: value})
+    with pytest.raises(KiminaError, match="expected a Qwen3ForCausalLM"):
+        sampler.update_weights({"not": "params"})
+
+
+def test_update_weights_switches_to_the_new_parameters(tiny_model):
+    sampler = JaxSampler(tiny_model)
+    params = SamplingParams(n=2, max_tokens=6, seed=0)
+    for new in (perturbed(tiny_model, 0.05, seed=1), perturbed(tiny_model, 0.05, seed=2)):
+        sampler.update_weights(new)
+        for completion in sampler.generate(PROMPTS[:1], params)[0]:
+            expected = trainer_logprobs(new, PROMPTS[0], completion.token_ids)
+            np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+    newest = perturbed(tiny_model, 0.05, seed=3)
+    sampler.update_weights(nnx.state(newest, nnx.Param))  # the parameters alone work too
+    (completion,) = sampler.generate(PROMPTS[:1], SamplingParams(max_tokens=6, seed=0))[0]
+    np.testing.assert_allclose(
+        completion.logprobs, trainer_logprobs(newest, PROMPTS[0], completion.token_ids), atol=1e-4, rtol=0
+    )
+    # Parameters sharded over a mesh, as the trainer holds them, sample the same.
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    sharded = jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, P("x") if x.shape[0] % 8 == 0 else P())),
+        nnx.state(newest, nnx.Param),
+    )
+    sampler.update_weights(sharded)
+    (same,) = sampler.generate(PROMPTS[:1], SamplingParams(max_tokens=6, seed=0))[0]
+    assert same.token_ids == completion.token_ids
+    np.testing.assert_allclose(same.logprobs, completion.logprobs, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ weight stream
+def test_weight_stream_equals_the_transformers_state_dict(hf_folder):
+    folder, hf_model = hf_folder
+    tied = hf_model.config.tie_word_embeddings
+    expected = {k: v for k, v in hf_model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    streamed = dict(hf_torch_tensors(load_hf_checkpoint(folder)))
+    assert set(streamed) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
+    halves = dict(hf_torch_tensors(load_hf_checkpoint(folder), dtype=torch.bfloat16))
+    for name, tensor in expected.items():
+        assert halves[name].dtype == torch.bfloat16 and torch.equal(halves[name], tensor.to(torch.bfloat16)), name
+
+
+def test_weight_stream_is_lazy_zero_copy_and_gathers_sharded_params(tiny_model):
+    stream = hf_torch_tensors(tiny_model)
+    name, first = next(stream)  # one tensor is produced, nothing else yet
+    assert name == "model.embed_tokens.weight"
+    assert first.data_ptr() == tiny_model.model.embed_tokens.embedding[...].unsafe_buffer_pointer()  # DLPack view
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    graphdef, state = nnx.split(tiny_model)
+    sharded_state = jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, P("x") if x.shape[0] % 8 == 0 else P())), state
+    )
+    sharded = nnx.merge(graphdef, sharded_state)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded_state))
+    reference = dict(hf_torch_tensors(tiny_model))
+    for name, tensor in hf_torch_tensors(sharded):
+        assert torch.equal(tensor, reference[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ metric
+def test_logprob_diff_is_the_mean_and_max_absolute_difference():
+    completions = [
+        make_completion(0, 0, [4, 5, 6], [-1.0, -2.0, -0.5], "length"),
+        make_completion(0, 1, [7], [-3.0], "stop"),
+    ]
+    diff = logprob_diff(completions, [[-1.5, -2.0, -0.25], [-2.0]])
+    assert diff.mean == pytest.approx((0.5 + 0.0 + 0.25 + 1.0) / 4) and diff.max == pytest.approx(1.0)
+    with pytest.raises(KiminaError, match="completion 1 has 1 tokens"):
+        logprob_diff(completions, [[-1.5, -2.0, -0.25], [-2.0, -1.0]])
+    with pytest.raises(KiminaError, match="2 completions but 1 trainer rows"):
+        logprob_diff(completions, [[-1.0, -2.0, -0.5]])
+
+
+# ------------------------------------------------------------------------------------------------ tpu-inference
+def test_tpu_inference_layout_follows_its_documented_transforms(tiny_model):
+    cfg = tiny_model.config
+    hidden, heads, head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+
+    def tpu_inference_layout(name: str, x: np.ndarray) -> np.ndarray:
+        # tpu-inference's HF loader (models/jax/utils/weight_utils.py): q/k/v_proj reshaped to (heads, head_dim,
+        # hidden) then transposed (2, 0, 1); o_proj reshaped to (hidden, heads, head_dim) then transposed (1, 2, 0);
+        # gate/up/down_proj and lm_head transposed; embedding and norms unchanged.
+        if any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+            return x.reshape(-1, head_dim, hidden).transpose(2, 0, 1)
+        if "o_proj" in name:
+            return x.reshape(hidden, heads, head_dim).transpose(1, 2, 0)
+        if any(p in name for p in ("gate_proj", "up_proj", "down_proj", "lm_head")):
+            return x.T
+        return x
+
+    expected = {
+        name.removesuffix(".weight"): tpu_inference_layout(name, np.asarray(x))
+        for name, x in iter_hf_tensors(tiny_model)
+    }
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+
+    def spec(name):
+        if any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+            return P(None, "model", None)
+        return P("model", None, None) if "o_proj" in name else P()
+
+    # A stand-in for tpu-inference's state: bf16 arrays of its shapes, heads sharded over the model axis.
+    targets = {
+        name: jax.device_put(jnp.zeros(x.shape, jnp.bfloat16), NamedSharding(mesh, spec(name)))
+        for name, x in expected.items()
+    }
+    converted = dict(to_tpu_inference_layout(tiny_model, targets))
+    assert set(converted) == set(expected)
+    for name, array in converted.items():
+        assert array.dtype == jnp.bfloat16 and array.sharding == targets[name].sharding, name
+        in_bf16 = expected[name].astype(jnp.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(array, np.float32), in_bf16)
+    padded = {**targets, "model.layers.0.self_attn.k_proj": jnp.zeros((hidden, 2 * cfg.num_key_value_heads, head_dim))}
+    with pytest.raises(KiminaError, match="padded heads"):
+        list(to_tpu_inference_layout(tiny_model, padded))
+
+
+# ------------------------------------------------------------------------------------------------ vLLM missing
+def test_vllm_engine_without_vllm_names_the_extra_to_install(tiny_hf_folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    with pytest.raises(KiminaError, match=r"not installed: pip install 'kimina-jax\[gpu\]'.*'kimina-jax\[cpu-vllm\]'"):
+        VllmEngine(tiny_hf_folder)
