@@ -66,7 +66,7 @@ class ModelConfig:
     path: str = TINY  # a Hugging Face folder or hub name, or `tiny`
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # activations / compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["xla", "dot_product"] = "xla"  # dot_product: jax.nn.dot_product_attention (cuDNN on GPU)
     remat: bool = True  # recompute decoder-layer activations in the backward pass
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
 
@@ -253,6 +253,7 @@ class LoggingConfig:
     console: bool = True
     num_text_samples: int = 2  # responses shown as text in TensorBoard per step
     progress_bars: bool = True
+    dump_rollouts: bool = True  # every sample of every step to <run_dir>/rollouts/step_<N>.jsonl
 
 
 @dataclasses.dataclass

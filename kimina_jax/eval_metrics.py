@@ -34,16 +34,23 @@ def bootstrap_sizes(n: int) -> list[int]:
     return sizes + [n]
 
 
-def problem_metrics(values: Sequence[float], ks: Sequence[int] = ()) -> dict[str, float]:
-    """mean@n, best@k/mean (verl's sizes) and pass@k (for `ks`) of one problem's 0/1 sample values."""
-    n = len(values)
+def problem_metrics(values: Sequence[float], n: int, ks: Sequence[int] = ()) -> dict[str, float]:
+    """One problem's metrics from the 0/1 values of its judged samples (at most `n`; unjudged ones left out).
+
+    Names count the samples asked for (`n`), as the values may be fewer: mean@n, best@k/mean for verl's sizes
+    and for `ks` (bootstrap of the values present), pass@k for `ks` (only when at least k values are present: the
+    unbiased estimator needs k of them). No values: no metrics.
+    """
+    if not values:
+        return {}
     out = {f"mean@{n}": float(np.mean(values))}
     if n > 1:
-        for k in bootstrap_sizes(n):
+        for k in sorted(set(bootstrap_sizes(n)) | set(ks)):
             out[f"best@{k}/mean"] = best_at_k(values, k)
     correct = int(round(sum(values)))
     for k in ks:
-        out[f"pass@{k}"] = pass_at_k(n, correct, k)
+        if k <= len(values):
+            out[f"pass@{k}"] = pass_at_k(len(values), correct, k)
     return out
 
 

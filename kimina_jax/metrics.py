@@ -64,18 +64,6 @@ def length_stats(prefix: str, lengths: Sequence[int], max_length: int) -> dict[s
     }
 
 
-def logprob_diff_stats(
-    engine_logprobs: Iterable[np.ndarray], trainer_logprobs: Iterable[np.ndarray]
-) -> dict[str, float]:
-    """`rollout/logprob_diff_{mean,max}`: |sampler log-prob - trainer old log-prob| over all response tokens.
-
-    A weight-sync or numerics bug shows up here first (SPEC 4).
-    """
-    pairs = zip(engine_logprobs, trainer_logprobs, strict=True)
-    diffs = np.concatenate([np.abs(np.asarray(e, np.float64) - np.asarray(t, np.float64)) for e, t in pairs])
-    return {"rollout/logprob_diff_mean": float(diffs.mean()), "rollout/logprob_diff_max": float(diffs.max())}
-
-
 def format_error_counts(samples: Sequence[Sample], known_errors: Sequence[str] = (), turns: int = 2) -> dict[str, int]:
     """`format_error/turn_{t}/<error string>` counts; `known_errors` are reported (as 0) even when absent."""
     counts = {f"format_error/turn_{t}/{error}": 0 for t in range(1, turns + 1) for error in known_errors}

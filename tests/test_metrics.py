@@ -11,7 +11,6 @@ from kimina_jax.metrics import (
     console_line,
     format_error_counts,
     length_stats,
-    logprob_diff_stats,
     score_stats,
 )
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
@@ -51,15 +50,6 @@ def test_length_stats_and_clip_ratio():
         }
     )
     assert length_stats("prompt_length", [3, 4], 512)["prompt_length/clip_ratio"] == 0.0
-
-
-def test_logprob_diff_stats():
-    engine = [np.array([-1.0, -2.0]), np.array([-0.5])]
-    trainer = [np.array([-1.1, -2.0]), np.array([-0.25])]
-    diffs = np.abs(np.concatenate(engine) - np.concatenate(trainer))
-    assert logprob_diff_stats(engine, trainer) == pytest.approx(
-        {"rollout/logprob_diff_mean": diffs.mean(), "rollout/logprob_diff_max": diffs.max()}
-    )
 
 
 RESPONSE = "<think>\nplan\n</think>\n```lean4\ntheorem t : True := by\n  trivial\n```"

@@ -87,6 +87,13 @@ def read_rows(cfg: DatasetConfig, key: str = "data") -> list[StatementRow]:
     return rows
 
 
+def column_names(entry: str, hub_split: str = "train") -> set[str]:
+    """The columns of the first row of one `files` entry (empty when it has no rows)."""
+    for record, _ in _records(entry, hub_split):
+        return set(record)
+    return set()
+
+
 def _dataset_name(entry: str) -> str:
     """`AI-MO/minif2f_test` -> `minif2f_test`; `data/train.parquet` -> `train`."""
     if entry.startswith(BUNDLED_PREFIX):

@@ -34,7 +34,7 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
+    extra: tuple[tuple[str, str], ...] = ()  # (key, JSON text): hashable, so the config can be static under jit
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -76,7 +76,7 @@ class Qwen3Config:
             max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
-            extra=tuple(sorted((k, v) for k, v in raw.items() if k not in known)),
+            extra=tuple(sorted((k, json.dumps(v)) for k, v in raw.items() if k not in known)),
         )
 
     @classmethod
@@ -92,7 +92,7 @@ class Qwen3Config:
 
     def to_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """The HF config.json content for this architecture (Qwen3ForCausalLM)."""
-        raw = dict(self.extra)
+        raw = {k: json.loads(v) for k, v in self.extra}
         raw.update(
             architectures=["Qwen3ForCausalLM"],
             model_type="qwen3",

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from kimina_jax.reward.extract import extract_proof
 from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.format import DEFAULT_THRESHOLDS, FormatThresholds
-from kimina_jax.reward.lean_client import Verifier
+from kimina_jax.errors import KiminaError
+from kimina_jax.reward.lean_client import LeanClient, Verifier
+from kimina_jax.reward.standin_verifier import StandinVerifier
 from kimina_jax.reward.scoring import score
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
 
@@ -33,6 +35,22 @@ class Rewarder:
     def __init__(self, verifier: Verifier, thresholds: FormatThresholds = DEFAULT_THRESHOLDS):
         self.verifier = verifier
         self.thresholds = thresholds
+
+    @classmethod
+    def from_config(cls, verifier_cfg, format_cfg) -> "Rewarder":
+        """From the recipe's `verifier` and `reward.format` sections (`kind` already resolved from `auto`)."""
+        if verifier_cfg.kind == "standin":
+            verifier: Verifier = StandinVerifier()
+        elif not verifier_cfg.url:
+            raise KiminaError("verifier.kind is 'lean' but no server URL: set LEAN_SERVER_API_URL")
+        else:
+            verifier = LeanClient(
+                verifier_cfg.url, verifier_cfg.api_key, timeout_s=verifier_cfg.timeout_s,
+                batch_size=verifier_cfg.batch_size, max_in_flight=verifier_cfg.max_in_flight,
+                retries=verifier_cfg.retries,
+            )
+        fields = dataclasses.asdict(format_cfg)
+        return cls(verifier, FormatThresholds(**{**fields, "forbidden_words": tuple(fields["forbidden_words"])}))
 
     def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
         """Extracts each completion's proof and sends the proofs for verification (non-blocking)."""

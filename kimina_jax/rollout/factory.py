@@ -5,7 +5,7 @@ from pathlib import Path
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3ForCausalLM
-from kimina_jax.rollout.base import RolloutEngine
+from kimina_jax.rollout.base import RolloutEngine, find_eos_token_ids
 from kimina_jax.rollout.jax_sampler import JaxSampler
 
 
@@ -18,7 +18,8 @@ def make_engine(
     if rollout_cfg.engine == "jax":
         if model is None:
             raise KiminaError("rollout.engine 'jax' samples with the Flax model: load it first")
-        return JaxSampler(model, tokenizer=tokenizer)
+        eos = find_eos_token_ids(model.config, tokenizer, model_dir)
+        return JaxSampler(model, tokenizer=tokenizer, eos_token_ids=eos)
     if rollout_cfg.engine == "vllm":
         from kimina_jax.rollout.vllm_engine import VllmEngine
 
@@ -27,8 +28,10 @@ def make_engine(
         has_weights = any(Path(model_dir).glob("*.safetensors"))
         if model is None and not has_weights:
             raise KiminaError(f"{model_dir}: no *.safetensors weights, and no model given to push into vLLM")
+        # vLLM adds generation_config.json's EOS ids by itself; the JAX sampler is given the same set above.
         engine = VllmEngine.from_config(
-            rollout_cfg.vllm, model_dir, tokenizer=tokenizer, load_format="auto" if has_weights else "dummy"
+            rollout_cfg.vllm, model_dir, tokenizer=tokenizer,
+            load_format="auto" if has_weights else "dummy",
         )
         if model is not None:
             engine.update_weights(model)

@@ -1,0 +1,304 @@
+"""`python -m kimina_jax.train --config <recipe> [key=value ...]`: GRPO training of a Qwen3 Lean prover.
+
+Each step: draw prompts (error-fix prompts mixed in) -> rollout -> verify (started group by group) -> score ->
+advantages -> old log-probs -> one update per mini-batch -> weight sync -> metrics -> error-fix cache.
+Validation every `trainer.test_freq` steps, a checkpoint every `trainer.save_freq`, automatic resume from the
+run folder, and on SIGTERM/SIGINT the step in progress finishes and a checkpoint is written before exiting.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from kimina_jax import metrics as stats
+from kimina_jax.checkpoint import Checkpointer, write_model_files
+from kimina_jax.config import TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
+from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
+from kimina_jax.errors import KiminaError
+from kimina_jax.evaluate import sample_record, validate
+from kimina_jax.grpo import PackItem, TrainStep, grpo_advantages, pack_samples, row_length_buckets
+from kimina_jax.models import load_hf_checkpoint
+from kimina_jax.models.hf import to_jax_dtype
+from kimina_jax.models.tiny import build_tiny_model
+from kimina_jax.parallel import make_mesh, maybe_initialize_distributed
+from kimina_jax.reward import FormatError, Rewarder
+from kimina_jax.rollout import SamplingParams, logprob_diff
+from kimina_jax.rollout.factory import make_engine
+from kimina_jax.types import Sample
+
+log = logging.getLogger("kimina_jax.train")
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+
+
+class Trainer:
+    """The training run of one config: setup, then `fit()`."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh(*validate_for_devices(cfg, jax.device_count(), jax.process_count()))
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.renderer = PromptRenderer(self.tokenizer, cfg.data.max_prompt_length)
+        self.model = self._load_model()
+        if self.is_main:
+            save_resolved(cfg, self.run_dir)
+            self.model_dir = write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
+        self.data = train_iterator(cfg.data, self.renderer, jax.process_index(), jax.process_count())
+        self.val_prompts = load_prompt_dataset(
+            cfg.data.val, self.renderer, cfg.data.filter_overlong_prompts, "data.val"
+        ).all_prompts()
+        self.steps_total = cfg.trainer.total_steps or cfg.trainer.total_epochs * self.data.steps_per_epoch
+        self.step_fn = TrainStep(
+            self.model, cfg.algorithm, cfg.optim, temperature=cfg.rollout.temperature,
+            total_steps=self.steps_total, mesh=self.mesh,
+        )
+        self.state = self.step_fn.init_state(self.model, seed=cfg.experiment.seed)
+        self.buckets = row_length_buckets(cfg.algorithm.pack_length, min_length=min(256, cfg.algorithm.pack_length))
+        self.engine = make_engine(cfg.rollout, self.model, self.tokenizer, model_dir=self.run_dir / "model_files")
+        self.rewarder = Rewarder.from_config(cfg.verifier, cfg.reward.format)
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.trainer.keep_checkpoints)
+        self.writer = stats.MetricsWriter(
+            self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
+            num_text_samples=cfg.logging.num_text_samples,
+        )
+        self.step = 0
+        self._text_samples: list[Sample] = []
+        self.stop = StopRequested()
+
+    def _load_model(self):
+        m = self.cfg.model
+        if m.path == "tiny":
+            return build_tiny_model(
+                m.tiny, len(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id, dtype=to_jax_dtype(m.dtype),
+                param_dtype=to_jax_dtype(m.param_dtype), attention_impl=m.attention_impl, remat=m.remat, seed=self.cfg.experiment.seed,
+            )
+        return load_hf_checkpoint(
+            m.path, m.dtype, self.mesh, param_dtype=m.param_dtype, attention_impl=m.attention_impl, remat=m.remat
+        )
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        self.stop.install()
+        self._resume()
+        if self.step == 0 and self.cfg.trainer.val_before_train:
+            self._validate()
+        while self.step < self.steps_total and not self.stop.requested:
+            self.step += 1
+            metrics = self.train_step()
+            if self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total:
+                metrics.update(self._validate(log_now=False))
+            if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or self.stop.requested:
+                with timed(metrics, "save_checkpoint"):
+                    self._save()
+            self.writer.log_step(self.step, metrics, self._text_samples)
+        self.checkpointer.wait()
+        self.close()
+
+    def train_step(self) -> dict[str, float]:
+        cfg, metrics = self.cfg, {}
+        start = time.perf_counter()
+        prompts = self.data.next_batch()
+        with timed(metrics, "gen"):
+            groups = self.engine.generate([p.token_ids for p in prompts], self._sampling(cfg.rollout.n))
+        with timed(metrics, "verify"):
+            samples = self.rewarder.score_groups(prompts, groups)
+        verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
+        scores = np.array([samples[i].score for i in verified], np.float32)
+        group_ids = np.array([i // cfg.rollout.n for i in verified], np.int32)
+        advantages = np.asarray(grpo_advantages(scores, group_ids, cfg.algorithm.norm_adv_by_std))
+        batches = self._pack(samples, verified, advantages)
+        with timed(metrics, "old_log_prob"):
+            batches = [
+                (dataclasses.replace(b, old_logp=self.step_fn.logprobs(self.state.params, b)), idx)
+                for b, idx in batches
+            ]
+        metrics.update(self._logprob_diff(samples, batches))
+        with timed(metrics, "update_actor"):
+            actor = defaultdict(list)
+            for batch, _ in batches:
+                self.state, update_metrics = self.step_fn.update(self.state, batch, self.step - 1)
+                for name, value in jax.device_get(update_metrics).items():
+                    actor[name].append(float(value))
+        with timed(metrics, "sync_weights"):
+            self.engine.update_weights(self.state.params)
+        fix_prompts, fix_counts = build_fix_prompts(samples, self.renderer, cfg.data.error_fix.max_feedback_chars)
+        if self.data.fix_cache is not None:
+            self.data.fix_cache.add(fix_prompts)
+        metrics.update({name: float(np.mean(values)) for name, values in actor.items()})
+        metrics.update(self._sample_metrics(samples, verified, advantages, prompts))
+        metrics.update(fix_counts)
+        metrics["timing_s/step"] = time.perf_counter() - start
+        metrics["perf/time_per_step"] = metrics["timing_s/step"]
+        tokens = sum(len(p.token_ids) + len(c.token_ids) for p, g in zip(prompts, groups) for c in g)
+        metrics["perf/throughput"] = tokens / metrics["timing_s/step"] / jax.device_count()
+        self._text_samples = samples
+        if self.is_main and cfg.logging.dump_rollouts:
+            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", samples)
+        return metrics
+
+    def _sampling(self, n: int, val: bool = False) -> SamplingParams:
+        r = self.cfg.rollout
+        v = r.val
+        return SamplingParams(
+            n=n, temperature=v.temperature if val else r.temperature, top_p=v.top_p if val else r.top_p,
+            top_k=v.top_k if val else r.top_k, max_tokens=r.max_tokens,
+            seed=self.cfg.experiment.seed * 1_000_003 + self.step * 2 + int(val),
+        )
+
+    def _pack(self, samples: list[Sample], verified: list[int], advantages: np.ndarray):
+        """One PackedBatch per mini-batch of `ppo_mini_batch_size` prompts (unverified samples left out)."""
+        per_prompt = self.cfg.algorithm.ppo_mini_batch_size * self.cfg.rollout.n
+        chunks = defaultdict(list)
+        for index, advantage in zip(verified, advantages):
+            chunks[index // per_prompt].append((index, float(advantage)))
+        batches = []
+        for _, members in sorted(chunks.items()):
+            items = [
+                PackItem(samples[i].prompt.token_ids, samples[i].completion.token_ids, adv) for i, adv in members
+            ]
+            batch = pack_samples(
+                items, self.buckets, loss_agg_mode=self.cfg.algorithm.loss_agg_mode,
+                max_response_len=self.cfg.algorithm.loss_norm_length, rows_multiple=self.step_fn.rows_multiple,
+                pad_id=self.tokenizer.pad_token_id or 0,
+            )
+            batches.append((batch, [i for i, _ in members]))
+        return batches
+
+    def _logprob_diff(self, samples, batches) -> dict[str, float]:
+        """`rollout/logprob_diff_{mean,max}`: the engine's log-probs against the trainer's old log-probs."""
+        completions, trainer = [], []
+        for batch, indices in batches:
+            completions += [samples[i].completion for i in indices]
+            trainer += batch.response_values(batch.old_logp)
+        diff = logprob_diff(completions, trainer)
+        return {"rollout/logprob_diff_mean": diff.mean, "rollout/logprob_diff_max": diff.max}
+
+    def _sample_metrics(self, samples, verified, advantages, prompts) -> dict[str, float]:
+        cfg = self.cfg
+        kept = [samples[i] for i in verified]
+        lengths = [len(samples[i].completion.token_ids) for i in verified]
+        out = {
+            **stats.score_stats([s.score for s in kept] or [0.0]),
+            **stats.advantage_stats(advantages if len(advantages) else [0.0], lengths or [1]),
+            **stats.length_stats("response_length", [len(s.completion.token_ids) for s in samples], cfg.rollout.max_tokens),
+            **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
+            **stats.format_error_counts(samples, [str(e) for e in FormatError]),
+            "reward/unverified": float(len(samples) - len(verified)),
+            "reward/accuracy": float(np.mean([s.acc for s in kept])) if kept else 0.0,
+        }
+        hit_rate = getattr(self.rewarder.verifier, "cache_hit_rate", None)
+        if hit_rate is not None:
+            out["reward/cache_hit_rate"] = float(hit_rate)
+        return out
+
+    def _validate(self, log_now: bool = True) -> dict[str, float]:
+        metrics = {}
+        with timed(metrics, "validate"):
+            val_metrics, samples = validate(
+                self.engine, self.rewarder, self.val_prompts, self._sampling(self.cfg.rollout.val.n, val=True),
+                self.renderer, error_fix=self.cfg.data.error_fix.enabled,
+                data_source=self.cfg.data.val.name or "val",
+            )
+        metrics.update(val_metrics)
+        if log_now:
+            self.writer.log_step(self.step, metrics, samples)
+        return metrics
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _save(self) -> None:
+        loop_state = {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "fix_cache": self.data.fix_cache.state_dict() if self.data.fix_cache is not None else None,
+            "optimizer_updates": int(self.state.step),
+            "skipped_updates": int(self.state.skipped_updates),
+        }
+        self.checkpointer.save(
+            self.step, params=self.state.params, opt_state=self.state.opt_state, rng_key=self.state.rng,
+            loop_state=loop_state, config=config_to_dict(self.cfg),
+        )
+
+    def _resume(self) -> None:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return
+        restored = self.checkpointer.restore(
+            latest, params=self.state.params, opt_state=self.state.opt_state, rng_key=self.state.rng
+        )
+        loop = restored.loop_state
+        self.state = dataclasses.replace(
+            self.state, params=restored.params, opt_state=restored.opt_state, rng=restored.rng_key,
+            step=jax.device_put(np.int32(loop["optimizer_updates"]), self.state.step.sharding),
+            skipped_updates=jax.device_put(np.int32(loop["skipped_updates"]), self.state.skipped_updates.sharding),
+        )
+        self.data.load_state_dict(loop["data"])
+        if self.data.fix_cache is not None and loop.get("fix_cache") is not None:
+            self.data.fix_cache.load_state_dict(loop["fix_cache"])
+        self.step = int(loop["step"])
+        self.engine.update_weights(self.state.params)
+        log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.engine.close()
+        self.rewarder.verifier.close()
+        self.checkpointer.close()
+
+
+def dump_samples(path: Path, samples: list[Sample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample_record(sample), ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def timed(metrics: dict, name: str):
+    start = time.perf_counter()
+    yield
+    metrics[f"timing_s/{name}"] = time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        maybe_initialize_distributed()
+        cfg = parse_cli(argv, description=__doc__)
+        Trainer(cfg).fit()
+    except KiminaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
