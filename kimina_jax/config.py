@@ -168,7 +168,7 @@ class VerifierConfig:
 
 @dataclasses.dataclass
 class FormatConfig:
-    """Thresholds of the format checks (SPEC 6), field for field `reward.format.FormatThresholds`; recipe defaults."""
+    """Thresholds of the format checks (SPEC 6; `reward.format.FormatThresholds` is this class); recipe defaults."""
 
     repeat_min_tokens: int = 10  # a thinking line is "significant" with this many non-stopword word tokens
     repeat_max_count: int = 6  # ... and fails the response when it occurs this many times

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -136,6 +137,7 @@ class Trainer:
         group_ids = np.array([i // cfg.rollout.n for i in verified], np.int32)
         advantages = np.asarray(grpo_advantages(scores, group_ids, cfg.algorithm.norm_adv_by_std))
         batches = self._pack(samples, verified, advantages)
+        self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
         with timed(metrics, "old_log_prob"):
             batches = [
                 (dataclasses.replace(b, old_logp=self.step_fn.logprobs(self.state.params, b)), idx)
@@ -149,6 +151,7 @@ class Trainer:
                 for name, value in jax.device_get(update_metrics).items():
                     actor[name].append(float(value))
         with timed(metrics, "sync_weights"):
+            self.engine.wake()
             self.engine.update_weights(self.state.params)
         fix_prompts, fix_counts = build_fix_prompts(samples, self.renderer, cfg.data.error_fix.max_feedback_chars)
         if self.data.fix_cache is not None:
@@ -288,11 +291,26 @@ def timed(metrics: dict, name: str):
     metrics[f"timing_s/{name}"] = time.perf_counter() - start
 
 
+def share_accelerator_with_vllm(rollout_cfg) -> None:
+    """With vLLM in this process, JAX must leave it GPU memory: a fixed fraction, or allocate on demand.
+
+    Must run before JAX initialises its backends (XLA reads these variables once).
+    """
+    if rollout_cfg.engine != "vllm":
+        return
+    fraction = rollout_cfg.vllm.jax_memory_fraction
+    if fraction is not None:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        maybe_initialize_distributed()
         cfg = parse_cli(argv, description=__doc__)
+        share_accelerator_with_vllm(cfg.rollout)
+        maybe_initialize_distributed()
         Trainer(cfg).fit()
     except KiminaError as err:
         print(f"error: {err}", file=sys.stderr)

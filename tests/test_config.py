@@ -208,10 +208,3 @@ def test_installed_default_runs_without_repo_configs(tmp_path):
     assert out.stdout.strip() == "tiny"
 
 
-def test_format_section_matches_the_reward_thresholds():
-    import dataclasses
-
-    from kimina_jax.reward.format import FormatThresholds
-
-    section = dataclasses.asdict(load_config("tiny", env={}).reward.format)
-    assert FormatThresholds(**{**section, "forbidden_words": tuple(section["forbidden_words"])}) == FormatThresholds()

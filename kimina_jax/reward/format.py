@@ -1,12 +1,12 @@
 """Format checks of a response (SPEC 6): ten checks in order, the first failure names the error."""
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
 from collections import Counter
 from collections.abc import Sequence
 
+from kimina_jax.config import FormatConfig
 from kimina_jax.reward.extract import LEAN4_BLOCK_RE
 from kimina_jax.reward.lean_text import remove_comments
 
@@ -27,18 +27,8 @@ class FormatError(enum.StrEnum):
     NOT_THE_STATEMENT = "Lean 4 code does not start with the formal statement."
 
 
-@dataclasses.dataclass(frozen=True)
-class FormatThresholds:
-    """The tunable numbers of the checks; defaults are the original recipe's."""
-
-    repeat_min_tokens: int = 10  # a thinking line is "significant" with this many non-stopword word tokens
-    repeat_max_count: int = 6  # ... and fails the response when it occurs this many times
-    min_tactics_blocks: int = 2
-    tactics_lines_floor: int = 5  # a tactics block may always have this many lines
-    tactics_lines_ratio: float = 0.95  # ... or this fraction of the final lean4 code's lines, whichever is larger
-    min_coverage: float = 0.7  # fraction of the final code's distinct lines that must appear in tactics blocks
-    forbidden_words: tuple[str, ...] = ("axiom", "local_instance")
-
+# The thresholds are the recipe's `reward.format` section; one dataclass serves the config and the checks.
+FormatThresholds = FormatConfig
 
 DEFAULT_THRESHOLDS = FormatThresholds()
 

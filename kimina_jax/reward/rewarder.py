@@ -49,8 +49,7 @@ class Rewarder:
                 batch_size=verifier_cfg.batch_size, max_in_flight=verifier_cfg.max_in_flight,
                 retries=verifier_cfg.retries,
             )
-        fields = dataclasses.asdict(format_cfg)
-        return cls(verifier, FormatThresholds(**{**fields, "forbidden_words": tuple(fields["forbidden_words"])}))
+        return cls(verifier, format_cfg)
 
     def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
         """Extracts each completion's proof and sends the proofs for verification (non-blocking)."""
