@@ -42,16 +42,6 @@ SHAPES = {
 GIB = 1 << 30
 
 
-def matmul_params(config: Qwen3Config) -> int:
-    untied_embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return config.num_params - untied_embedding
-
-
-def update_flops(config: Qwen3Config, tokens: int, sequence_lengths: np.ndarray) -> float:
-    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
-    return 6.0 * matmul_params(config) * tokens + attention * float(np.sum(sequence_lengths.astype(np.float64) ** 2))
-
-
 def synthetic_minibatch(step: TrainStep, rows: int, row_length: int, segments: int, vocab: int, seed: int = 0):
     """`rows` rows of `segments` equal sequences (1/8 prompt), random tokens, advantages and old log-probs."""
     rng = np.random.default_rng(seed)
@@ -132,7 +122,7 @@ def main() -> None:
     devices = mesh.devices.size
     tokens = batch.tokens.size
     sequences = batch.item_length
-    tflops_per_device = update_flops(config, tokens, sequences) / step_s / devices / 1e12
+    tflops_per_device = config.training_flops(sequences) / step_s / devices / 1e12
     mfu = f"{100 * tflops_per_device / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{config.num_params / 1e6:.1f}M params, {args.dtype} compute / {args.param_dtype} params, "

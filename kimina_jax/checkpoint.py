@@ -86,7 +86,8 @@ class Checkpointer:
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(params)),
                 opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                rng=ocp.args.StandardRestore(),
+                # With a target, placed like `rng_key` (a checkpoint from other devices or processes restores too).
+                rng=ocp.args.StandardRestore(None if rng_key is None else _abstract({"key_data": _key_data(rng_key)})),
                 loop=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ),
@@ -107,13 +108,15 @@ class Checkpointer:
 def load_params(step_dir: str | os.PathLike, target: Any = None) -> Any:
     """Only the parameters of one checkpoint folder (`<run>/checkpoints/<step>`), e.g. for export.
 
-    Without a target the arrays come back in the saved tree structure (nested dicts), on the default device.
+    Without a target the arrays come back in the saved tree structure (nested dicts). Arrays the target gives no
+    sharding (all of them without a target) land on the default device, whichever devices or processes wrote them.
     """
     path = Path(step_dir).absolute() / "params"
     if not path.is_dir():
         raise KiminaError(f"'{step_dir}' is not a checkpoint step folder (no params/ inside)")
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, _abstract(target) if target is not None else None)
+        target = checkpointer.metadata(path).item_metadata if target is None else target
+        return checkpointer.restore(path, jax.tree.map(_on_default_device_if_unplaced, target))
 
 
 def write_model_files(run_dir: str | os.PathLike, hf_config: dict, tokenizer) -> Path:
@@ -158,6 +161,14 @@ def load_config_dict(step_dir: str | os.PathLike) -> dict:
 def _abstract(tree: Any) -> Any:
     """Concrete arrays -> ShapeDtypeStructs with their shardings (so restore allocates nothing twice)."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _on_default_device_if_unplaced(leaf: Any) -> jax.ShapeDtypeStruct:
+    """An abstract array; without a jax sharding orbax would place it as saved, on devices that may not exist here."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
 def _key_data(key: jax.Array) -> jax.Array:

@@ -147,6 +147,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1  # -1: off
     max_tokens: int = _derived("data.max_response_length", RECIPE_MAX_RESPONSE_LENGTH)
+    # Generate each process's prompts of a step in this many engine calls; a call's groups are sent to Lean as soon
+    # as it returns, while the next call generates. More calls overlap more verification but give the engine
+    # smaller batches (each call waits for its longest response). 1: one call, verification after generation.
+    overlap_chunks: int = 4
     val: ValSamplingConfig = dataclasses.field(default_factory=ValSamplingConfig)
     vllm: VllmConfig = dataclasses.field(default_factory=VllmConfig)
     servers: ServerPoolConfig = dataclasses.field(default_factory=ServerPoolConfig)
@@ -212,6 +216,11 @@ class AlgorithmConfig:
     pack_length: int | None = None  # tokens per packed row; None: max prompt + max response length
     micro_batch_rows: int = 1  # packed rows per gradient-accumulation micro-batch (per data-parallel shard)
     logits_chunk_tokens: int = 1024  # tokens per lm_head + log-softmax chunk
+    # One-step off-policy: step t+1's rollouts are generated with step t's weights while step t trains.
+    off_policy: bool = False
+    # Off-policy only: the policy loss of each token is multiplied by min(exp(old_logp - engine_logp), tis_cap)
+    # (truncated importance sampling, as verl's `tis_imp_ratio_cap`); 0 switches the correction off.
+    tis_cap: float = 2.0
 
 
 @dataclasses.dataclass
@@ -245,6 +254,7 @@ class TrainerConfig:
     val_before_train: bool = True
     keep_checkpoints: int = 3
     run_dir: str | None = None  # None: runs/<experiment.name>
+    peak_tflops_per_device: float | None = None  # dense bf16 peak (H100/H200: 989); set it to log perf/mfu
 
 
 @dataclasses.dataclass
@@ -507,6 +517,7 @@ def _check(cfg: TrainConfig, source: str) -> None:
         "data.error_fix.max_feedback_chars": cfg.data.error_fix.max_feedback_chars,
         "rollout.n": cfg.rollout.n,
         "rollout.val.n": cfg.rollout.val.n,
+        "rollout.overlap_chunks": cfg.rollout.overlap_chunks,
         "algorithm.ppo_mini_batch_size": cfg.algorithm.ppo_mini_batch_size,
         "algorithm.ppo_epochs": cfg.algorithm.ppo_epochs,
         "algorithm.micro_batch_rows": cfg.algorithm.micro_batch_rows,
@@ -530,6 +541,8 @@ def _check(cfg: TrainConfig, source: str) -> None:
             f"algorithm.ppo_mini_batch_size ({cfg.algorithm.ppo_mini_batch_size}) must divide "
             f"data.train_batch_size ({cfg.data.train_batch_size})"
         )
+    if cfg.algorithm.tis_cap < 0:
+        fail(f"'algorithm.tis_cap' must be >= 0 (0: no correction), got {cfg.algorithm.tis_cap}")
     if not 0.0 <= cfg.data.error_fix.rate <= 1.0:
         fail(f"'data.error_fix.rate' must be in [0, 1], got {cfg.data.error_fix.rate}")
     for key, value in {"rollout.top_p": cfg.rollout.top_p, "rollout.val.top_p": cfg.rollout.val.top_p}.items():

@@ -200,6 +200,7 @@ def validate(
     data_source: str,
     max_feedback_chars: int = 3000,
     ks: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], list[Sample]]:
     """Validation inside training (SPEC 8/9): `params.n` samples per prompt, then, with `error_fix`, one fix attempt
     per failed sample with feedback. Returns the metrics under verl's names and every sample (turn 1, then the
@@ -209,14 +210,17 @@ def validate(
     also under `val-aux/<source>/acc_turn_{1,2}/...`. pass@k for `ks` (default: n), unverified counts too.
     """
     n = params.n
-    turn_1 = rewarder.collect(sample_and_submit(engine, rewarder, prompts, [range(n)] * len(prompts), params))
+    bar = lambda turn: f"validate turn {turn}" if progress else None  # noqa: E731
+    turn_1 = rewarder.collect(
+        sample_and_submit(engine, rewarder, prompts, [range(n)] * len(prompts), params), bar(1)
+    )
     fix_of: dict[int, Sample] = {}
     if error_fix:
         targets, _ = fix_targets(turn_1, renderer, max_feedback_chars)
         if targets:
             indices = [[turn_1[position].completion.sample_index] for position, _ in targets]
             fixes = rewarder.collect(
-                sample_and_submit(engine, rewarder, [p for _, p in targets], indices, fix_params(params))
+                sample_and_submit(engine, rewarder, [p for _, p in targets], indices, fix_params(params)), bar(2)
             )
             fix_of = {position: fix for (position, _), fix in zip(targets, fixes)}
     values = {}

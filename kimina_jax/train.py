@@ -4,6 +4,12 @@ Each step: draw prompts (error-fix prompts mixed in) -> rollout -> verify (start
 advantages -> old log-probs -> one update per mini-batch -> weight sync -> metrics -> error-fix cache.
 Validation every `trainer.test_freq` steps, a checkpoint every `trainer.save_freq`, automatic resume from the
 run folder, and on SIGTERM/SIGINT the step in progress finishes and a checkpoint is written before exiting.
+
+Several processes (hosts): run the same command on each. JAX's runtime is joined from the environment (SLURM,
+Open MPI, a Cloud TPU pod) or from --coordinator-address HOST:PORT --num-processes N --process-id I (or the
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each process generates its share of every
+batch with its own engine; process 0 alone verifies, writes TensorBoard, rollouts and the resolved config; the
+run folder must be storage every process sees (checkpoints are written by all of them together).
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from kimina_jax import metrics as stats
 from kimina_jax.checkpoint import Checkpointer, write_model_files
@@ -31,9 +37,17 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.evaluate import sample_record, validate
 from kimina_jax.grpo import PackItem, TrainStep, grpo_advantages, pack_samples, row_length_buckets
 from kimina_jax.models import load_hf_checkpoint
-from kimina_jax.models.hf import to_jax_dtype
+from kimina_jax.models.hf import resolve_model_folder, to_jax_dtype
 from kimina_jax.models.tiny import build_tiny_model
-from kimina_jax.parallel import make_mesh, maybe_initialize_distributed
+from kimina_jax.parallel import (
+    any_process,
+    barrier,
+    local_replica,
+    make_mesh,
+    maybe_initialize_distributed,
+    parse_distributed_flags,
+)
+from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts
 from kimina_jax.reward import FormatError, Rewarder
 from kimina_jax.rollout import SamplingParams, logprob_diff
 from kimina_jax.rollout.factory import make_engine
@@ -72,7 +86,8 @@ class Trainer:
         self.model = self._load_model()
         if self.is_main:
             save_resolved(cfg, self.run_dir)
-            self.model_dir = write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
+            write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
+        barrier("model_files")  # the other processes' engines start from them
         self.data = train_iterator(cfg.data, self.renderer, jax.process_index(), jax.process_count())
         self.val_prompts = load_prompt_dataset(
             cfg.data.val, self.renderer, cfg.data.filter_overlong_prompts, "data.val"
@@ -84,8 +99,14 @@ class Trainer:
         )
         self.state = self.step_fn.init_state(self.model, seed=cfg.experiment.seed)
         self.buckets = row_length_buckets(cfg.algorithm.pack_length, min_length=min(256, cfg.algorithm.pack_length))
-        self.engine = make_engine(cfg.rollout, self.model, self.tokenizer, model_dir=self.run_dir / "model_files")
-        self.rewarder = Rewarder.from_config(cfg.verifier, cfg.reward.format)
+        multi = jax.process_count() > 1
+        engine_model = nnx.merge(self.step_fn.graphdef, self._engine_weights()) if multi else self.model
+        self.engine = make_engine(cfg.rollout, engine_model, self.tokenizer, model_dir=self.run_dir / "model_files")
+        # Validation spreads its prompts over the processes; training rollouts do so through the data shares.
+        self.val_engine = ProcessShardedEngine(self.engine) if multi else self.engine
+        self.rewarder = MainProcessRewarder(
+            Rewarder.from_config(cfg.verifier, cfg.reward.format) if self.is_main else None
+        )
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.trainer.keep_checkpoints)
         self.writer = stats.MetricsWriter(
             self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
@@ -94,16 +115,22 @@ class Trainer:
         self.step = 0
         self._text_samples: list[Sample] = []
         self.stop = StopRequested()
+        # Off-policy: the next step's rollouts, generating while this step trains, and the data position before
+        # their prompts were drawn (a checkpoint taken meanwhile makes a resumed run draw them again).
+        self._next_rollouts: StepRollouts | None = None
+        self._data_before_next: dict | None = None
 
     def _load_model(self):
         m = self.cfg.model
         if m.path == "tiny":
             return build_tiny_model(
                 m.tiny, len(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id, dtype=to_jax_dtype(m.dtype),
-                param_dtype=to_jax_dtype(m.param_dtype), attention_impl=m.attention_impl, remat=m.remat, seed=self.cfg.experiment.seed,
+                param_dtype=to_jax_dtype(m.param_dtype), attention_impl=m.attention_impl, remat=m.remat,
+                seed=self.cfg.experiment.seed,
             )
         return load_hf_checkpoint(
-            m.path, m.dtype, self.mesh, param_dtype=m.param_dtype, attention_impl=m.attention_impl, remat=m.remat
+            resolve_model_folder(m.path), m.dtype, self.mesh, param_dtype=m.param_dtype,
+            attention_impl=m.attention_impl, remat=m.remat,
         )
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -112,12 +139,14 @@ class Trainer:
         self._resume()
         if self.step == 0 and self.cfg.trainer.val_before_train:
             self._validate()
-        while self.step < self.steps_total and not self.stop.requested:
+        stopping = any_process(self.stop.requested)  # every process stops after the same step
+        while self.step < self.steps_total and not stopping:
             self.step += 1
             metrics = self.train_step()
+            stopping = any_process(self.stop.requested)
             if self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total:
                 metrics.update(self._validate(log_now=False))
-            if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or self.stop.requested:
+            if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or stopping:
                 with timed(metrics, "save_checkpoint"):
                     self._save()
             self.writer.log_step(self.step, metrics, self._text_samples)
@@ -127,17 +156,21 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
         start = time.perf_counter()
-        prompts = self.data.next_batch()
-        with timed(metrics, "gen"):
-            groups = self.engine.generate([p.token_ids for p in prompts], self._sampling(cfg.rollout.n))
-        with timed(metrics, "verify"):
-            samples = self.rewarder.score_groups(prompts, groups)
+        rollouts = self._next_rollouts or self._start_rollouts(self.step)
+        self._next_rollouts = None
+        samples, rollout_timings = rollouts.finish()
+        metrics.update(rollout_timings)
+        if cfg.algorithm.off_policy and self.step < self.steps_total:
+            # Step t+1's rollouts sample with the weights step t starts from, while step t trains.
+            self._next_rollouts = self._start_rollouts(self.step + 1, background=True)
+        prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
         verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
         scores = np.array([samples[i].score for i in verified], np.float32)
         group_ids = np.array([i // cfg.rollout.n for i in verified], np.int32)
         advantages = np.asarray(grpo_advantages(scores, group_ids, cfg.algorithm.norm_adv_by_std))
         batches = self._pack(samples, verified, advantages)
-        self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
+        if self._next_rollouts is None:
+            self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
         with timed(metrics, "old_log_prob"):
             batches = [
                 (dataclasses.replace(b, old_logp=self.step_fn.logprobs(self.state.params, b)), idx)
@@ -150,9 +183,12 @@ class Trainer:
                 self.state, update_metrics = self.step_fn.update(self.state, batch, self.step - 1)
                 for name, value in jax.device_get(update_metrics).items():
                     actor[name].append(float(value))
+        if self._next_rollouts is not None:
+            with timed(metrics, "gen_wait"):
+                self._next_rollouts.wait_generated()  # before the engine's weights change
         with timed(metrics, "sync_weights"):
             self.engine.wake()
-            self.engine.update_weights(self.state.params)
+            self.engine.update_weights(self._engine_weights())
         fix_prompts, fix_counts = build_fix_prompts(samples, self.renderer, cfg.data.error_fix.max_feedback_chars)
         if self.data.fix_cache is not None:
             self.data.fix_cache.add(fix_prompts)
@@ -161,32 +197,67 @@ class Trainer:
         metrics.update(fix_counts)
         metrics["timing_s/step"] = time.perf_counter() - start
         metrics["perf/time_per_step"] = metrics["timing_s/step"]
-        tokens = sum(len(p.token_ids) + len(c.token_ids) for p, g in zip(prompts, groups) for c in g)
+        tokens = sum(len(s.prompt.token_ids) + len(s.completion.token_ids) for s in samples)
         metrics["perf/throughput"] = tokens / metrics["timing_s/step"] / jax.device_count()
+        peak = cfg.trainer.peak_tflops_per_device
+        if peak:  # model FLOPs utilisation of the policy update
+            lengths = [len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids) for i in verified]
+            flops = self.model.config.training_flops(lengths)
+            metrics["perf/mfu"] = flops / (metrics["timing_s/update_actor"] * jax.device_count() * peak * 1e12)
         self._text_samples = samples
         if self.is_main and cfg.logging.dump_rollouts:
             dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", samples)
         return metrics
 
-    def _sampling(self, n: int, val: bool = False) -> SamplingParams:
+    def _start_rollouts(self, step: int, background: bool = False) -> StepRollouts:
+        """Draw training step `step`'s prompts (this process's share) and set up their rollouts."""
+        if background:
+            self._data_before_next = self.data.state_dict()
+        prompts = self.data.next_batch()
+        rollouts = StepRollouts(
+            self.engine, self.rewarder, prompts, jax.process_index() * len(prompts),
+            self._sampling(self.cfg.rollout.n, step=step), self.cfg.rollout.overlap_chunks,
+            progress=f"step {step}" if self.is_main and self.cfg.logging.progress_bars else None,
+        )
+        if background:
+            rollouts.start_in_background()
+        return rollouts
+
+    def _engine_weights(self):
+        """What the engine samples with: the trainer's parameters; across processes a whole copy on this process's
+        devices (each process samples alone); for the JAX sampler off-policy a copy, since the update reuses the
+        state's buffers while the sampler still holds them (vLLM copies pushed weights into its own)."""
+        if jax.process_count() > 1:
+            return local_replica(self.state.params)
+        if self.cfg.algorithm.off_policy and self.cfg.rollout.engine == "jax":
+            return jax.tree.map(jnp.copy, self.state.params)
+        return self.state.params
+
+    def _sampling(self, n: int, val: bool = False, step: int | None = None) -> SamplingParams:
         r = self.cfg.rollout
         v = r.val
+        step = self.step if step is None else step
         return SamplingParams(
             n=n, temperature=v.temperature if val else r.temperature, top_p=v.top_p if val else r.top_p,
             top_k=v.top_k if val else r.top_k, max_tokens=r.max_tokens,
-            seed=self.cfg.experiment.seed * 1_000_003 + self.step * 2 + int(val),
+            seed=self.cfg.experiment.seed * 1_000_003 + step * 2 + int(val),
         )
 
     def _pack(self, samples: list[Sample], verified: list[int], advantages: np.ndarray):
         """One PackedBatch per mini-batch of `ppo_mini_batch_size` prompts (unverified samples left out)."""
         per_prompt = self.cfg.algorithm.ppo_mini_batch_size * self.cfg.rollout.n
+        engine_logp = self.step_fn.uses_rollout_logp
         chunks = defaultdict(list)
         for index, advantage in zip(verified, advantages):
             chunks[index // per_prompt].append((index, float(advantage)))
         batches = []
         for _, members in sorted(chunks.items()):
             items = [
-                PackItem(samples[i].prompt.token_ids, samples[i].completion.token_ids, adv) for i, adv in members
+                PackItem(
+                    samples[i].prompt.token_ids, samples[i].completion.token_ids, adv,
+                    rollout_logp=samples[i].completion.logprobs if engine_logp else None,
+                )
+                for i, adv in members
             ]
             batch = pack_samples(
                 items, self.buckets, loss_agg_mode=self.cfg.algorithm.loss_agg_mode,
@@ -227,9 +298,11 @@ class Trainer:
         metrics = {}
         with timed(metrics, "validate"):
             val_metrics, samples = validate(
-                self.engine, self.rewarder, self.val_prompts, self._sampling(self.cfg.rollout.val.n, val=True),
+                self.val_engine, self.rewarder, self.val_prompts,
+                self._sampling(self.cfg.rollout.val.n, val=True),
                 self.renderer, error_fix=self.cfg.data.error_fix.enabled,
                 data_source=self.cfg.data.val.name or "val",
+                progress=self.is_main and self.cfg.logging.progress_bars,
             )
         metrics.update(val_metrics)
         if log_now:
@@ -238,10 +311,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
+        data = self.data.state_dict()
+        fix_cache = self.data.fix_cache.state_dict() if self.data.fix_cache is not None else None
+        if self._next_rollouts is not None:  # the next step's prompts were drawn ahead: a resumed run draws them again
+            data = self._data_before_next
+            if fix_cache is not None:
+                fix_cache = {**fix_cache, "draws": fix_cache["draws"] - 1}  # drawing a batch draws once from it
         loop_state = {
             "step": self.step,
-            "data": self.data.state_dict(),
-            "fix_cache": self.data.fix_cache.state_dict() if self.data.fix_cache is not None else None,
+            "data": data,
+            "fix_cache": fix_cache,
             "optimizer_updates": int(self.state.step),
             "skipped_updates": int(self.state.skipped_updates),
         }
@@ -267,13 +346,13 @@ class Trainer:
         if self.data.fix_cache is not None and loop.get("fix_cache") is not None:
             self.data.fix_cache.load_state_dict(loop["fix_cache"])
         self.step = int(loop["step"])
-        self.engine.update_weights(self.state.params)
+        self.engine.update_weights(self._engine_weights())
         log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
 
     def close(self) -> None:
         self.writer.close()
         self.engine.close()
-        self.rewarder.verifier.close()
+        self.rewarder.close()
         self.checkpointer.close()
 
 
@@ -308,9 +387,10 @@ def share_accelerator_with_vllm(rollout_cfg) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        launch, argv = parse_distributed_flags(sys.argv[1:] if argv is None else argv)
         cfg = parse_cli(argv, description=__doc__)
         share_accelerator_with_vllm(cfg.rollout)
-        maybe_initialize_distributed()
+        maybe_initialize_distributed(environ={**os.environ, **launch})
         Trainer(cfg).fit()
     except KiminaError as err:
         print(f"error: {err}", file=sys.stderr)

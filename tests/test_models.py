@@ -228,6 +228,15 @@ def test_wrong_shape_names_file_and_tensor(tiny_hf_folder, tmp_path):
     assert "(16, 64)" in str(err.value)
 
 
+def test_model_names_resolve_to_folders_or_fail_clearly(tiny_hf_folder, monkeypatch):
+    from kimina_jax.models.hf import resolve_model_folder
+
+    assert resolve_model_folder(tiny_hf_folder) == tiny_hf_folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KiminaError, match="not a local folder and not downloadable"):
+        resolve_model_folder("AI-MO/no-such-model-here")
+
+
 def test_folder_without_weights(tiny_hf_folder, tmp_path):
     folder = _copy(tiny_hf_folder, tmp_path)
     (folder / "model.safetensors").unlink()

@@ -11,6 +11,7 @@ from kimina_jax.grpo.math import (
     policy_loss,
     ppo_token_loss,
     sequence_token_weights,
+    truncated_is_weight,
 )
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch, PackItem, pack_samples, row_length_buckets
@@ -39,5 +40,6 @@ __all__ = [
     "row_length_buckets",
     "sequence_token_weights",
     "token_logprobs",
+    "truncated_is_weight",
     "with_learning_rate",
 ]

@@ -154,6 +154,14 @@ def policy_loss(
     return loss, {name: masked_mean(value, mask) for name, value in indicators.items()}
 
 
+def truncated_is_weight(old_logp: Any, rollout_logp: Any, cap: float) -> jax.Array:
+    """Truncated importance-sampling weight of each token, min(exp(old_logp - rollout_logp), cap): corrects a
+    policy loss whose samples came from the rollout engine's weights rather than the old policy's (verl's TIS,
+    with the log-ratio clamp of this module). A constant for the gradient: both inputs are fixed numbers."""
+    log_ratio = jnp.clip(jnp.asarray(old_logp) - jnp.asarray(rollout_logp), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return jnp.minimum(jnp.exp(log_ratio), cap)
+
+
 def kl_penalty(logp: Any, ref_logp: Any, kind: str) -> jax.Array:
     """Per-token KL estimate between the policy and the reference: k1/kl, abs, k2/mse, k3/low_var_kl."""
     if kind in ("k1", "kl"):

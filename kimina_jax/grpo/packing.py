@@ -7,7 +7,7 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
   target is `targets[r, t]` (the next token of the same segment). `loss_mask` is 1 where that target is a
   response token, so an item with P prompt and R response tokens has loss positions start+P-1 ... start+P+R-2
   and its last response token is input only. `advantages`, `old_logp`, `ref_logp` and `loss_weights` are
-  set on loss positions and 0 elsewhere; `old_logp[r, t]` is the log-prob of `targets[r, t]`.
+  `rollout_logp` are set on loss positions and 0 elsewhere; `old_logp[r, t]` is the log-prob of `targets[r, t]`.
 - `loss_weights` (see `math.sequence_token_weights`) make the loss of the whole batch a plain weighted token
   sum, sum(loss_weights * token_loss), so cutting the rows into micro-batches and adding up their weighted
   sums gives the same loss and gradient. The KL and entropy terms use the same weights (verl aggregates them
@@ -37,6 +37,7 @@ class PackItem(NamedTuple):
     advantage: float
     old_logp: np.ndarray | None = None  # [len(response_ids)]: log-prob of each response token, if known
     ref_logp: np.ndarray | None = None  # same, under the reference policy (KL on)
+    rollout_logp: np.ndarray | None = None  # same, as the rollout engine reported them (off-policy correction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class PackedBatch:
     item_start: np.ndarray  # int32 [items]: the column where item i's prompt starts
     item_length: np.ndarray  # int32 [items]: prompt + response tokens
     item_prompt_length: np.ndarray  # int32 [items]
+    rollout_logp: np.ndarray | None = None  # float32 [rows, length]; None when no item carried them
 
     @property
     def num_rows(self) -> int:
@@ -78,7 +80,7 @@ class PackedBatch:
         """Every [rows, length] array by name (the optional log-probs only when present), e.g. to device_put
         them all with one batch sharding."""
         names = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages", "loss_weights",
-                 "old_logp", "ref_logp")
+                 "old_logp", "ref_logp", "rollout_logp")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def response_values(self, per_token: np.ndarray) -> list[np.ndarray]:
@@ -142,8 +144,10 @@ def pack_samples(
     loss_weights = np.zeros(shape, np.float32)
     has_old = items[0].old_logp is not None
     has_ref = items[0].ref_logp is not None
+    has_rollout = items[0].rollout_logp is not None
     old_logp = np.zeros(shape, np.float32) if has_old else None
     ref_logp = np.zeros(shape, np.float32) if has_ref else None
+    rollout_logp = np.zeros(shape, np.float32) if has_rollout else None
     item_row = np.zeros(len(items), np.int32)
     item_start = np.zeros(len(items), np.int32)
 
@@ -170,6 +174,8 @@ def pack_samples(
                 old_logp[row, loss] = item.old_logp
             if has_ref:
                 ref_logp[row, loss] = item.ref_logp
+            if has_rollout:
+                rollout_logp[row, loss] = item.rollout_logp
             item_row[index], item_start[index] = row, start
             start += length
 
@@ -187,11 +193,12 @@ def pack_samples(
         item_start=item_start,
         item_length=np.array(lengths, np.int32),
         item_prompt_length=np.array([len(item.prompt_ids) for item in items], np.int32),
+        rollout_logp=rollout_logp,
     )
 
 
 def _check_items(items: list[PackItem]) -> None:
-    for field in ("old_logp", "ref_logp"):
+    for field in ("old_logp", "ref_logp", "rollout_logp"):
         present = [getattr(item, field) is not None for item in items]
         if any(present) and not all(present):
             raise KiminaError(f"pack_samples: item {present.index(not present[0])} differs from item 0 in "
@@ -200,7 +207,7 @@ def _check_items(items: list[PackItem]) -> None:
         if len(item.prompt_ids) == 0:
             raise KiminaError(f"pack_samples: item {index} has an empty prompt (the first response token "
                               "needs a position to be predicted from)")
-        for field in ("old_logp", "ref_logp"):
+        for field in ("old_logp", "ref_logp", "rollout_logp"):
             values = getattr(item, field)
             if values is not None and np.shape(values) != (len(item.response_ids),):
                 raise KiminaError(f"pack_samples: item {index} `{field}` has shape {np.shape(values)}, expected "

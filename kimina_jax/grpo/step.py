@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kimina_jax.config import AlgorithmConfig, OptimConfig
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.logprobs import token_logprobs
-from kimina_jax.grpo.math import kl_penalty, ppo_token_loss
+from kimina_jax.grpo.math import kl_penalty, ppo_token_loss, truncated_is_weight
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch
 from kimina_jax.models import Qwen3ForCausalLM
@@ -55,7 +55,9 @@ def micro_batch_loss(
     the metrics: `pg_loss`, `loss_tokens` and the masked sums of `TOKEN_MEAN_METRICS` (and `kl_loss`).
 
     loss = pg_loss - entropy_coeff * sum(w * entropy) + kl.coef * sum(w * kl), w = `loss_weights`:
-    the entropy and KL terms aggregate like the policy loss (verl's `agg_loss` with the same mode).
+    the entropy and KL terms aggregate like the policy loss (verl's `agg_loss` with the same mode). With
+    `rollout_logp` in the micro-batch (off-policy), each token's policy loss is first multiplied by its truncated
+    importance-sampling weight (`math.truncated_is_weight`), whose masked sum is returned as `tis_weight`.
     """
     logp, entropy = token_logprobs(
         model, micro["tokens"], micro["positions"], micro["segment_ids"], micro["targets"],
@@ -68,8 +70,13 @@ def micro_batch_loss(
     token_loss, indicators = ppo_token_loss(
         logp, micro["old_logp"], micro["advantages"], algorithm.clip_low, algorithm.clip_high, algorithm.clip_c
     )
+    sums = {"loss_tokens": jnp.sum(mask.astype(jnp.float32)), "entropy": jnp.sum(masked(entropy))}
+    if "rollout_logp" in micro:
+        weight = truncated_is_weight(micro["old_logp"], micro["rollout_logp"], algorithm.tis_cap)
+        token_loss = token_loss * weight
+        sums["tis_weight"] = jnp.sum(masked(weight))
     pg_loss = weighted_sum(token_loss)
-    sums = {"pg_loss": pg_loss, "loss_tokens": jnp.sum(mask.astype(jnp.float32)), "entropy": jnp.sum(masked(entropy))}
+    sums["pg_loss"] = pg_loss
     sums.update({name: jnp.sum(masked(value)) for name, value in indicators.items()})
     loss = pg_loss
     if algorithm.entropy_coeff:
@@ -156,6 +163,11 @@ class TrainStep:
         )
 
     # ------------------------------------------------------------------------------------------- public
+    @property
+    def uses_rollout_logp(self) -> bool:
+        """Whether `update` corrects the policy loss with the engine's log-probs (truncated importance sampling)."""
+        return self.algorithm.off_policy and self.algorithm.tis_cap > 0
+
     def init_state(self, model: Qwen3ForCausalLM, seed: int = 0) -> TrainState:
         """The model's parameters placed on the mesh, fresh optimizer state (sharded like the parameters).
         Across hosts every process must pass the same parameter values."""
@@ -163,13 +175,14 @@ class TrainStep:
         # A copy: `update` donates the state, which must not delete the model's own arrays.
         params = jax.device_put(params, self.state_shardings.params, may_alias=False)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
-        scalar = lambda value: jax.device_put(value, self.state_shardings.step)  # noqa: E731
+        # Made by a jitted call: device_put of a key to devices of other processes is refused.
+        scalar = lambda make: jax.jit(make, out_shardings=self.state_shardings.step)()  # noqa: E731
         return TrainState(
             params=params,
             opt_state=opt_state,
-            step=scalar(jnp.zeros((), jnp.int32)),
-            skipped_updates=scalar(jnp.zeros((), jnp.int32)),
-            rng=scalar(jax.random.key(seed)),
+            step=scalar(lambda: jnp.zeros((), jnp.int32)),
+            skipped_updates=scalar(lambda: jnp.zeros((), jnp.int32)),
+            rng=scalar(lambda: jax.random.key(seed)),
         )
 
     def update(self, state: TrainState, batch: PackedBatch, train_step: int) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -179,7 +192,8 @@ class TrainStep:
         Returns the new state and SPEC 9 metrics as device scalars (`jax.device_get` them when logging):
         actor/pg_loss (the mini-batch loss), actor/{pg_clipfrac,pg_clipfrac_lower,ppo_kl,entropy} (means over
         the mini-batch's loss tokens), actor/grad_norm (before clipping), actor/lr (of this update),
-        actor/skipped_updates (so far), and actor/kl_loss when the KL term is on. An update whose gradient
+        actor/skipped_updates (so far), actor/kl_loss when the KL term is on, and actor/tis_weight (token mean)
+        when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
         norm is not finite leaves parameters and optimizer state as they were.
         """
         return self._update(state, *self._update_arguments(batch, train_step))
@@ -221,6 +235,8 @@ class TrainStep:
         metrics.update({f"actor/{name}": sums[name] / tokens for name in TOKEN_MEAN_METRICS})
         if "kl_loss" in sums:
             metrics["actor/kl_loss"] = sums["kl_loss"]
+        if "tis_weight" in sums:
+            metrics["actor/tis_weight"] = sums["tis_weight"] / tokens
         metrics.update({
             "actor/grad_norm": grad_norm,
             "actor/lr": learning_rate,
@@ -253,6 +269,11 @@ class TrainStep:
             if batch.ref_logp is None:
                 raise KiminaError("TrainStep.update: algorithm.kl.enabled but the packed batch has no ref_logp")
             names = (*names, "ref_logp")
+        if self.uses_rollout_logp:
+            if batch.rollout_logp is None:
+                raise KiminaError("TrainStep.update: algorithm.off_policy with tis_cap > 0, but the packed batch has "
+                                  "no rollout_logp (pack items with the engine's log-probs)")
+            names = (*names, "rollout_logp")
         micro_batches, num_micro = self._device_micro_batches(batch, names)
         return micro_batches, num_micro, self._replicated_scalar(train_step)
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kimina_jax.errors import KiminaError
 
 _REQUIRED = (
@@ -52,6 +54,15 @@ class Qwen3Config:
         per_layer = attn + mlp + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
+
+    def training_flops(self, sequence_lengths) -> float:
+        """Model FLOPs of a forward + backward pass over sequences of these lengths (the MFU numerator):
+        6 x matmul parameters per token (the input embedding is a lookup, not a matmul; a tied head is one)
+        plus causal attention, 6 x layers x heads x head_dim x length^2 per sequence. Remat is not counted."""
+        lengths = np.asarray(sequence_lengths, dtype=np.float64)
+        matmul_params = self.num_params - (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+        attention = 6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim
+        return 6.0 * matmul_params * float(lengths.sum()) + attention * float(np.sum(lengths**2))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Qwen3Config":

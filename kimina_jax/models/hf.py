@@ -42,8 +42,12 @@ class ParamName:
     transpose: bool
 
 
-def param_names(config: Qwen3Config) -> list[ParamName]:
-    """Every HF tensor of the architecture, in HF's usual order."""
+def param_names(config: Qwen3Config, *, tied_lm_head: bool = False) -> list[ParamName]:
+    """Every HF tensor of the architecture, in HF's usual order.
+
+    `tied_lm_head`: a tied model lists `lm_head.weight` too (the embedding again), for vLLM's in-place reload,
+    which refreshes only the layers it is given a tensor for (see rollout/weights.py).
+    """
     names = [ParamName("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), False)]
     for i in range(config.num_hidden_layers):
         prefix, path = f"model.layers.{i}", ("model", "layers", i)
@@ -60,6 +64,8 @@ def param_names(config: Qwen3Config) -> list[ParamName]:
     names.append(ParamName("model.norm.weight", ("model", "norm", "weight"), False))
     if not config.tie_word_embeddings:
         names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), True))
+    elif tied_lm_head:
+        names.append(ParamName("lm_head.weight", ("model", "embed_tokens", "embedding"), False))
     return names
 
 
@@ -83,6 +89,20 @@ def abstract_model(
             rngs=nnx.Rngs(0),
         )
     )
+
+
+def resolve_model_folder(name_or_path: str | Path) -> Path:
+    """A local HF folder as is; otherwise a Hub model name, downloaded (or found in the Hub cache)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+    except (OSError, HFValidationError) as err:  # offline, unknown repo, or not a repo name at all
+        raise KiminaError(f"model {name_or_path!r}: not a local folder and not downloadable from the Hub ({err})") from err
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -163,10 +183,12 @@ def _flat_params(model: Qwen3ForCausalLM) -> dict:
     return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
-def iter_hf_tensors(model: Qwen3ForCausalLM, dtype=None) -> Iterator[tuple[str, jax.Array]]:
+def iter_hf_tensors(
+    model: Qwen3ForCausalLM, dtype=None, *, tied_lm_head: bool = False
+) -> Iterator[tuple[str, jax.Array]]:
     """Yields (HF name, array in HF layout) one tensor at a time, converted on the arrays' own devices."""
     flat = _flat_params(model)
-    for spec in param_names(model.config):
+    for spec in param_names(model.config, tied_lm_head=tied_lm_head):
         value = flat[spec.path].get_value()
         if spec.transpose:
             value = value.T
@@ -182,16 +204,18 @@ def save_hf_checkpoint(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     generation_config: dict | None = None,
     progress=None,
+    tied_lm_head: bool = False,
 ) -> Path:
     """Writes an HF folder (safetensors, config.json, generation_config.json, tokenizer files).
 
-    Tensors are gathered to the host one at a time; `progress(n_bytes)` is called after each.
+    Tensors are gathered to the host one at a time; `progress(n_bytes)` is called after each. `tied_lm_head`:
+    as for `param_names`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     flat = _flat_params(model)
-    names = param_names(config)
+    names = param_names(config, tied_lm_head=tied_lm_head)
     first_dtype = flat[names[0].path].get_value().dtype
     np_dtype = np.dtype(to_jax_dtype(dtype) if dtype is not None else first_dtype)
     specs = []

@@ -9,6 +9,8 @@ import concurrent.futures
 import dataclasses
 from collections.abc import Sequence
 
+from tqdm import tqdm
+
 from kimina_jax.reward.extract import extract_proof
 from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.format import DEFAULT_THRESHOLDS, FormatThresholds
@@ -60,8 +62,13 @@ class Rewarder:
             for completion, code in zip(completions, codes)
         ]
 
-    def collect(self, pending: Sequence[PendingSample]) -> list[Sample]:
-        """Waits for the verdicts and scores every sample, in order."""
+    def collect(self, pending: Sequence[PendingSample], progress: str | None = None) -> list[Sample]:
+        """Waits for the verdicts and scores every sample, in order; `progress` labels a progress bar."""
+        if progress is not None:
+            verdicts = [p.verdict for p in pending if p.verdict is not None]
+            with tqdm(total=len(verdicts), desc=progress, unit="proof", leave=False) as bar:
+                for _ in concurrent.futures.as_completed(verdicts):
+                    bar.update()
         return [self._scored(p, None if p.verdict is None else p.verdict.result()) for p in pending]
 
     def score_groups(self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Completion]]) -> list[Sample]:

@@ -1,4 +1,4 @@
-"""Rollout engines: the built-in JAX sampler and vLLM fed the trainer's weights (SPEC 4)."""
+"""Rollout engines: the built-in JAX sampler, vLLM fed the trainer's weights (SPEC 4), remote vLLM servers."""
 from kimina_jax.rollout.base import (
     LogprobDiff,
     RolloutEngine,
@@ -11,6 +11,7 @@ from kimina_jax.rollout.base import (
 )
 from kimina_jax.rollout.jax_sampler import JaxSampler
 from kimina_jax.rollout.vllm_engine import VllmEngine
+from kimina_jax.rollout.vllm_server import VllmServerEngine
 
 __all__ = [
     "JaxSampler",
@@ -18,6 +19,7 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "VllmEngine",
+    "VllmServerEngine",
     "as_model",
     "check_prompts",
     "find_eos_token_ids",

@@ -101,6 +101,23 @@ def as_model(model_or_params: Any, graphdef: nnx.GraphDef) -> Qwen3ForCausalLM:
     )
 
 
+_ARCHITECTURE = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "tie_word_embeddings",
+)
+
+
+def check_architecture(engine_config: Qwen3Config, model_config: Qwen3Config) -> None:
+    """Raises unless pushed weights of `model_config`'s shapes fit an engine built for `engine_config`."""
+    theirs = {k: getattr(engine_config, k) for k in _ARCHITECTURE}
+    ours = {k: getattr(model_config, k) for k in _ARCHITECTURE}
+    if theirs != ours:
+        diff = {k: (ours[k], theirs[k]) for k in _ARCHITECTURE if ours[k] != theirs[k]}
+        raise KiminaError(
+            f"update_weights: the model's architecture differs from the engine's (ours, the engine's): {diff}"
+        )
+
+
 def check_prompts(
     prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, max_len: int, vocab_size: int
 ) -> list[tuple[int, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.models import Qwen3ForCausalLM
+from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.rollout.base import RolloutEngine, find_eos_token_ids
 from kimina_jax.rollout.jax_sampler import JaxSampler
 
@@ -14,7 +14,9 @@ def make_engine(
 ) -> RolloutEngine:
     """`jax`: the built-in sampler on `model`. `vllm`: vLLM started from `model_dir` (an HF folder; random
     weights when it holds only config.json), then given `model`'s weights; with `model` None (evaluation of an
-    HF folder) vLLM keeps the folder's own weights and no Flax copy is needed."""
+    HF folder) vLLM keeps the folder's own weights and no Flax copy is needed. `vllm-server`: the recipe's
+    remote servers, given `model`'s weights through `rollout.servers.weights_dir` (with `model` None they keep
+    what they serve)."""
     if rollout_cfg.engine == "jax":
         if model is None:
             raise KiminaError("rollout.engine 'jax' samples with the Flax model: load it first")
@@ -36,4 +38,20 @@ def make_engine(
         if model is not None:
             engine.update_weights(model)
         return engine
-    raise KiminaError(f"rollout.engine {rollout_cfg.engine!r} is not available here (choose 'jax' or 'vllm')")
+    if rollout_cfg.engine == "vllm-server":
+        from kimina_jax.rollout.vllm_server import VllmServerEngine
+
+        if model is None and model_dir is None:
+            raise KiminaError("rollout.engine 'vllm-server' needs the model or its HF folder (config.json)")
+        config = model.config if model is not None else Qwen3Config.from_pretrained(model_dir)
+        # The servers run with `--generation-config vllm`: every EOS id is sent with each request.
+        engine = VllmServerEngine.from_config(
+            rollout_cfg.servers, config, tokenizer=tokenizer,
+            eos_token_ids=find_eos_token_ids(config, tokenizer, model_dir),
+        )
+        if model is not None:
+            engine.update_weights(model)
+        return engine
+    raise KiminaError(
+        f"rollout.engine {rollout_cfg.engine!r} is not available here (choose 'jax', 'vllm' or 'vllm-server')"
+    )

@@ -42,6 +42,7 @@ from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
     as_model,
+    check_architecture,
     check_prompts,
     find_eos_token_ids,
     make_completion,
@@ -51,10 +52,6 @@ from kimina_jax.types import Completion
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'kimina-jax[gpu]' on a GPU host, or 'kimina-jax[cpu-vllm]' on CPU"
-_ARCHITECTURE = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "tie_word_embeddings",
-)
 
 
 class VllmEngine(RolloutEngine):
@@ -177,13 +174,7 @@ class VllmEngine(RolloutEngine):
     def update_weights(self, model_or_params: Any) -> None:
         self._check_usable()
         model = as_model(model_or_params, self._graphdef)
-        theirs = {k: getattr(self.config, k) for k in _ARCHITECTURE}
-        ours = {k: getattr(model.config, k) for k in _ARCHITECTURE}
-        if theirs != ours:
-            diff = {k: (ours[k], theirs[k]) for k in _ARCHITECTURE if ours[k] != theirs[k]}
-            raise KiminaError(
-                f"update_weights: the model's architecture differs from the engine's (ours, vLLM's): {diff}"
-            )
+        check_architecture(self.config, model.config)
         start = time.perf_counter()
         self._push(self.llm, model)
         self.llm.reset_prefix_cache()

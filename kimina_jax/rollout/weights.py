@@ -5,6 +5,13 @@ and cast on the devices that hold it, then handed over alone, so the extra memor
 (plus what the consumer keeps; vLLM's layerwise reload keeps one decoder layer). A tensor that lies whole on
 one device of the consumer's kind becomes a torch tensor without a copy (DLPack); a sharded one is first
 gathered onto that device (device to device on a GPU), and across hosts through host memory.
+
+A tied model's stream also carries `lm_head.weight` (the embedding again). vLLM's layerwise reload re-runs the
+weight processing only of layers that receive a tensor, and the lm_head that shares the embedding's parameter
+receives none: its copy in the data is right, but what processing derived from it is not. On the CPU backend
+that is a repacked GEMM weight (`dispatch_cpu_unquantized_gemm`), so the logits kept using the start weights.
+Named, the head is loaded and processed like an untied one (during the reload the tie is undone, so vLLM's
+loader does not skip it as an alias).
 """
 from __future__ import annotations
 
@@ -30,9 +37,11 @@ def _jax_dtype_name(dtype: torch.dtype) -> str:
 def hf_torch_tensors(
     model: Qwen3ForCausalLM, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor in HF layout on `device`), one at a time, cast to `dtype` before leaving the JAX devices."""
+    """(HF name, tensor in HF layout on `device`), one at a time, cast to `dtype` before leaving the JAX devices;
+    `lm_head.weight` included for tied models (see above)."""
     device = torch.device(device)
-    for name, array in iter_hf_tensors(model, None if dtype is None else _jax_dtype_name(dtype)):
+    jax_dtype = None if dtype is None else _jax_dtype_name(dtype)
+    for name, array in iter_hf_tensors(model, jax_dtype, tied_lm_head=True):
         yield name, to_torch(array, device)
 
 

@@ -1,0 +1,122 @@
+"""Wall time of a full training step split by phase: synchronous vs overlapped rollouts vs one-step off-policy.
+
+    python benchmarks/pipeline.py [--steps 5] [--prompts 16] [--n 4] [--max-tokens 128] [--latency-s 0.25]
+                                  [--repls 8] [--chunks 2]
+
+The tiny recipe on CPU (random tiny Qwen3, JAX sampler) against the real Kimina Lean Server (kimina-ast-server,
+tests/lean_harness) with the stand-in REPL, NOT Lean. The random model writes no proofs, so each completion's
+text is replaced, before scoring, by a response holding a proof of its statement with a stand-in directive that
+makes the REPL answer after `--latency-s` seconds: every sample costs one Lean check of fixed latency (the
+rewards mean nothing). Modes:
+- sync: `rollout.overlap_chunks=1`, all generation, then all verification;
+- overlapped: `rollout.overlap_chunks=--chunks`, each call's proofs are checked while the next call generates;
+- off-policy: overlapped, plus `algorithm.off_policy=true` (the next step generates while this one trains).
+Each mode runs one warm-up step (compilation), then `--steps` measured steps; the table shows medians in seconds.
+`rollout` is the trainer's time spent getting a step's samples (generation + verification it waited for).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kimina_jax.config import load_config  # noqa: E402
+from kimina_jax.pipeline import MainProcessRewarder  # noqa: E402
+from kimina_jax.reward import Rewarder  # noqa: E402
+from kimina_jax.reward.extract import normalize_statement  # noqa: E402
+from kimina_jax.train import Trainer  # noqa: E402
+from tests.lean_harness.server import LeanServer  # noqa: E402
+from tests.lean_harness.venv import ensure_server_venv  # noqa: E402
+
+COLUMNS = ("step", "rollout", "gen", "verify", "verify_wait", "gen_wait", "old_log_prob", "update_actor",
+           "sync_weights")
+
+
+class FixedLatencyProofs(Rewarder):
+    """Scores a stand-in response instead of the model's: a proof of the prompt's statement that the stand-in
+    REPL answers after a fixed pause. A counter keeps every proof distinct (no cache can answer it)."""
+
+    def __init__(self, verifier, thresholds, latency_s: float):
+        super().__init__(verifier, thresholds)
+        self.latency_s = latency_s
+        self.sent = 0
+
+    def submit(self, prompt, completions):
+        replaced = []
+        for completion in completions:
+            self.sent += 1
+            proof = (f"```lean4\n{normalize_statement(prompt.formal_statement)}\n"
+                     f"  -- standin: sleep {self.latency_s}\n  norm_num -- proof {self.sent}\n```")
+            replaced.append(dataclasses.replace(completion, text=proof))
+        return super().submit(prompt, replaced)
+
+
+def run_mode(args, url: str, overrides: list[str]) -> dict[str, float]:
+    base = [
+        f"data.train_batch_size={args.prompts}", f"algorithm.ppo_mini_batch_size={args.prompts // 2}",
+        f"rollout.n={args.n}", f"data.max_response_length={args.max_tokens}",
+        f"trainer.total_steps={args.steps + 10}", "trainer.val_before_train=false",
+        # One proof per request, as many in flight as REPLs: the REPLs are the verification bottleneck.
+        "verifier.batch_size=1", f"verifier.max_in_flight={args.repls}", "logging.console=false", "logging.tensorboard=false",
+        "logging.dump_rollouts=false", "data.error_fix.enabled=false",
+    ]
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as run_dir:
+        cfg = load_config("tiny", [*base, *overrides], run_dir=run_dir, env={"LEAN_SERVER_API_URL": url})
+        trainer = Trainer(cfg)
+        verifier = trainer.rewarder.verifier
+        trainer.rewarder = MainProcessRewarder(FixedLatencyProofs(verifier, cfg.reward.format, args.latency_s))
+        steps = []
+        try:
+            for _ in range(1 + args.steps):
+                trainer.step += 1
+                steps.append(trainer.train_step())
+        finally:
+            trainer.close()
+    measured = steps[1:]
+    return {name: statistics.median(m.get(f"timing_s/{name}", 0.0) for m in measured) for name in COLUMNS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per mode (after one warm-up step)")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max response tokens")
+    parser.add_argument("--latency-s", type=float, default=0.25, help="stand-in Lean time per proof")
+    parser.add_argument("--repls", type=int, default=8, help="stand-in REPLs in the server (proofs checked at once)")
+    # The JAX sampler on CPU pays per call: fewer, bigger calls keep generation about as fast as one call.
+    parser.add_argument("--chunks", type=int, default=2, help="rollout.overlap_chunks of the overlapped modes")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    server = LeanServer(ensure_server_venv(), Path(tempfile.mkdtemp(prefix="lean-bench-")), max_repls=args.repls)
+    server.start()
+    modes = {
+        "sync": ["rollout.overlap_chunks=1"],
+        "overlapped": [f"rollout.overlap_chunks={args.chunks}"],
+        "off-policy": [f"rollout.overlap_chunks={args.chunks}", "algorithm.off_policy=true"],
+    }
+    try:
+        results = {name: run_mode(args, server.url, overrides) for name, overrides in modes.items()}
+    finally:
+        server.stop()
+
+    print(f"\ntiny Qwen3 on {os.cpu_count()} CPU cores, {args.prompts} prompts x {args.n} samples x <= "
+          f"{args.max_tokens} tokens per step; real Lean server, {args.repls} stand-in REPLs answering each proof "
+          f"after {args.latency_s} s; overlapped modes in {args.chunks} engine calls; median of {args.steps} steps (s)")
+    print("| mode       | " + " | ".join(f"{c:>12}" for c in COLUMNS) + " |")
+    print("|------------|" + "|".join("-" * 14 for _ in COLUMNS) + "|")
+    for name, values in results.items():
+        print(f"| {name:<10} | " + " | ".join(f"{values[c]:>12.2f}" for c in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()

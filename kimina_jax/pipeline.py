@@ -1,0 +1,202 @@
+"""The rollout half of a training step: prompts -> completions -> scored samples, overlapped and across processes.
+
+- Overlap: a process generates its prompts of a step in `rollout.overlap_chunks` engine calls, and each group
+  of n completions goes to the verifier as soon as its call returns, so Lean checks one call's proofs while
+  the engine generates the next; when Lean keeps up, only the last call's proofs are waited for
+  (`timing_s/verify_wait`).
+- Background generation (one-step off-policy): `StepRollouts.start_in_background` generates in a thread while
+  the caller trains; `finish` picks the results up.
+- Processes: every process generates its own share of the global batch with its own engine; the completions
+  are gathered so that every process holds the whole batch; only process 0 verifies (`MainProcessRewarder`)
+  and its results are broadcast, so every process goes on with the same samples, in global batch order.
+
+Seeds: the engine call for the prompts starting at global batch position g samples with `chunk_seed(seed, g)`,
+so a step's samples depend on the chunk layout but not on the number of processes when each process's share
+is a whole number of chunks.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from kimina_jax.parallel import allgather_objects, broadcast_object
+from kimina_jax.reward import PendingSample, Rewarder
+from kimina_jax.rollout import RolloutEngine, SamplingParams
+from kimina_jax.types import Completion, Prompt, Sample
+
+# (global batch position, prompt, its completions) for each prompt of one engine call
+Groups = list[tuple[int, Prompt, list[Completion]]]
+_SCORED_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name not in ("prompt", "completion"))
+
+
+def chunk_seed(seed: int | None, first_index: int) -> int | None:
+    """The sampling seed of an engine call whose first prompt sits at `first_index` of the global batch."""
+    return None if seed is None else (seed + 1_000_003 * first_index) % 2**31
+
+
+class MainProcessRewarder:
+    """Verification by process 0 alone, its results broadcast to every process.
+
+    Wraps the `Rewarder` on process 0 (`None` on the others, which never reach the verifier). Every process
+    calls `submit` for the same groups and `collect` at the same points; on the others `submit` only records
+    the completions. With one process it is the rewarder itself.
+    """
+
+    def __init__(self, rewarder: Rewarder | None):
+        self.rewarder = rewarder
+
+    @property
+    def verifier(self):
+        """Process 0's verifier; None elsewhere."""
+        return None if self.rewarder is None else self.rewarder.verifier
+
+    def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
+        if self.rewarder is None:
+            return [PendingSample(prompt, completion, None, None) for completion in completions]
+        return self.rewarder.submit(prompt, completions)
+
+    def collect(self, pending: Sequence[PendingSample], progress: str | None = None) -> list[Sample]:
+        if jax.process_count() == 1:
+            return self.rewarder.collect(pending, progress)
+        scored = None
+        if self.rewarder is not None:
+            samples = self.rewarder.collect(pending, progress)
+            scored = [{name: getattr(s, name) for name in _SCORED_FIELDS} for s in samples]
+        scored = broadcast_object(scored)  # the others hold the prompts and completions already
+        return [Sample(prompt=p.prompt, completion=p.completion, **fields) for p, fields in zip(pending, scored)]
+
+    def close(self) -> None:
+        if self.rewarder is not None:
+            self.rewarder.verifier.close()
+
+
+class ProcessShardedEngine(RolloutEngine):
+    """An engine whose `generate` spreads the prompts over the processes (each one generates a contiguous share
+    with its own engine) and gathers the groups, so every process gets all of them (validation across hosts).
+    Every process must call `generate` with the same prompts."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        share = -(-len(prompt_token_ids) // jax.process_count())
+        start = jax.process_index() * share
+        mine = prompt_token_ids[start : start + share]
+        local = []
+        if mine:
+            groups = self.engine.generate(mine, dataclasses.replace(params, seed=chunk_seed(params.seed, start)))
+            local = [[dataclasses.replace(c, prompt_index=start + i) for c in group] for i, group in enumerate(groups)]
+        return [group for part in allgather_objects(local) for group in part]
+
+    def update_weights(self, model_or_params: Any) -> None:
+        self.engine.update_weights(model_or_params)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class StepRollouts:
+    """Generation and verification of one training step's prompts (see the module docstring).
+
+    `prompts` are this process's share of the global batch, starting at global position `first_index`. Call
+    `finish` on every process at the same point; it returns the scored samples of the whole batch (prompt-major,
+    n per prompt) and timings: `timing_s/gen` (engine calls), `timing_s/verify` (first proof sent to last verdict
+    in, on process 0), `timing_s/verify_wait` (waiting for verdicts once generation was done) and
+    `timing_s/rollout` (the caller's time inside `finish`).
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        rewarder: MainProcessRewarder,
+        prompts: Sequence[Prompt],
+        first_index: int,
+        params: SamplingParams,
+        chunks: int,
+        progress: str | None = None,
+    ):
+        """`progress`: a label for progress bars of generation (prompts) and verification (samples); None: no bars."""
+        self.engine, self.rewarder, self.params = engine, rewarder, params
+        self.progress = progress
+        size = max(1, -(-len(prompts) // chunks))
+        self._chunks = [(first_index + s, list(prompts[s : s + size])) for s in range(0, len(prompts), size)]
+        self._pending: dict[int, list[PendingSample]] = {}
+        self._generated: concurrent.futures.Future[list[Groups]] | None = None
+        self._gen_s = 0.0
+        self._first_submit: float | None = None
+
+    def start_in_background(self) -> None:
+        """Generate every call now, in a thread; process 0 sends its groups for verification as they come."""
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        self._generated = executor.submit(lambda: list(self._generate()))
+        executor.shutdown(wait=False)
+
+    def wait_generated(self) -> None:
+        """Block until background generation is over (before the engine's weights change); re-raises its error."""
+        if self._generated is not None:
+            self._generated.result()
+
+    def finish(self) -> tuple[list[Sample], dict[str, float]]:
+        start = time.perf_counter()
+        calls = self._generated.result() if self._generated is not None else self._generate()
+        for groups in calls:  # generated inline: each call's groups are exchanged before the next call starts
+            self._exchange(groups)
+        waiting = time.perf_counter()
+        pending = [p for index in sorted(self._pending) for p in self._pending[index]]
+        samples = self.rewarder.collect(pending, None if self.progress is None else f"{self.progress} verify")
+        end = time.perf_counter()
+        timings = {
+            "timing_s/gen": self._gen_s,
+            "timing_s/verify_wait": end - waiting,
+            "timing_s/rollout": end - start,
+        }
+        if self._first_submit is not None and self.rewarder.verifier is not None:  # process 0
+            timings["timing_s/verify"] = end - self._first_submit
+        return samples, timings
+
+    def _generate(self) -> Iterator[Groups]:
+        total = sum(len(prompts) for _, prompts in self._chunks)
+        label = f"{self.progress} rollout"
+        with tqdm(total=total, desc=label, unit="prompt", leave=False, disable=self.progress is None) as bar:
+            for groups in self._generate_calls():
+                bar.update(len(groups))
+                yield groups
+
+    def _generate_calls(self) -> Iterator[Groups]:
+        for first, prompts in self._chunks:
+            start = time.perf_counter()
+            params = dataclasses.replace(self.params, seed=chunk_seed(self.params.seed, first))
+            completions = self.engine.generate([p.token_ids for p in prompts], params)
+            self._gen_s += time.perf_counter() - start
+            groups = [
+                (first + i, prompt, [dataclasses.replace(c, prompt_index=first + i) for c in group])
+                for i, (prompt, group) in enumerate(zip(prompts, completions))
+            ]
+            self._submit(groups)
+            yield groups
+
+    def _exchange(self, groups: Groups) -> None:
+        """Hand this call's groups to the other processes and submit theirs (a collective; main thread only)."""
+        if jax.process_count() == 1:
+            return
+        for process, theirs in enumerate(allgather_objects(groups)):
+            if process != jax.process_index():
+                self._submit(theirs)
+
+    def _submit(self, groups: Groups) -> None:
+        if self._first_submit is None:
+            self._first_submit = time.perf_counter()
+        for index, prompt, completions in groups:
+            self._pending[index] = self.rewarder.submit(prompt, completions)
