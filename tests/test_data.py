@@ -1,6 +1,6 @@
 """Data: column layouts, the recipe's exact messages, rendering, length filter, batch order, error-fix cache.
 
-Fixtures: tests/fixtures/promptset_sample.jsonl (3 rows of /work/shared/data/train_sample.jsonl in the Promptset
+Fixtures: tests/fixtures/promptset_sample.jsonl (3 rows of ../shared/data/train_sample.jsonl in the Promptset
 layout; one without a problem text) and tests/fixtures/minif2f_sample.jsonl (3 rows of minif2f.jsonl).
 """
 from __future__ import annotations
@@ -219,7 +219,7 @@ def test_tiny_tokenizer_is_the_same_in_every_process(tokenizer):
     assert other == tokenizer.backend_tokenizer.to_str()
 
 
-@pytest.mark.skipif(not QWEN3_TOKENIZER.is_dir(), reason="needs /work/shared/data/qwen3_tokenizer")
+@pytest.mark.skipif(not QWEN3_TOKENIZER.is_dir(), reason="needs ../shared/data/qwen3_tokenizer (the shared data beside the repo)")
 def test_qwen3_chat_template_rendering():
     from kimina_jax.data import load_tokenizer
 

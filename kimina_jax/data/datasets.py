@@ -10,7 +10,7 @@ Three column layouts (SPEC 5):
   optional `header`. The informal problem is `informal_prefix` verbatim, doc-comment markers included, exactly
   as the original recipe's prepare_data.py renames it. When a `header` column is present and the statement has
   no imports of its own, the header is prepended (the Hub copy's statements already include it).
-- `numina` (AI-MO/NuminaMath-LEAN and /work/shared/data/train_sample.jsonl): `uuid`, `problem`, `formal_statement`,
+- `numina` (AI-MO/NuminaMath-LEAN and ../shared/data/train_sample.jsonl): `uuid`, `problem`, `formal_statement`,
   `source`.
 A missing informal problem (null) stays None; the prompt renders it as the literal text `None`.
 """
