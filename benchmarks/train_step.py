@@ -28,6 +28,7 @@ from flax import nnx
 from kimina_jax.config import AlgorithmConfig, OptimConfig
 from kimina_jax.grpo import PackItem, TrainStep, pack_samples
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
+from kimina_jax.models.attention import ATTENTION_IMPLS, resolve_attention_impl
 from kimina_jax.parallel import make_mesh
 
 # SPEC 2's table (the two models the recipe trains) and a CPU-sized one.
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
     parser.add_argument("--param-dtype", choices=["bfloat16", "float32"], default="float32")
     parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--attention", choices=["xla", "dot_product"], default="xla")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                        help="auto: cudnn on GPU, splash on TPU, xla elsewhere")
     parser.add_argument("--logits-chunk-tokens", type=int, default=1024)
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the rest of the devices)")
     parser.add_argument("--steps", type=int, default=5, help="timed updates (after one untimed compile+run)")
@@ -126,7 +128,8 @@ def main() -> None:
     mfu = f"{100 * tflops_per_device / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{config.num_params / 1e6:.1f}M params, {args.dtype} compute / {args.param_dtype} params, "
-          f"remat {args.remat}, attention {args.attention}, {batch.num_rows} rows x {row_length} tokens "
+          f"remat {args.remat}, attention {resolve_attention_impl(args.attention, dtype)}, "
+          f"{batch.num_rows} rows x {row_length} tokens "
           f"({args.segments_per_row} sequences per row), {args.micro_batches} micro-batches per update, "
           f"step time = median of {args.steps}, grad_norm {float(metrics['actor/grad_norm']):.3g}")
     row = {

@@ -66,7 +66,7 @@ class ModelConfig:
     path: str = TINY  # a Hugging Face folder or hub name, or `tiny`
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # activations / compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["xla", "dot_product"] = "xla"  # dot_product: jax.nn.dot_product_attention (cuDNN on GPU)
+    attention_impl: Literal["auto", "xla", "cudnn", "triton", "splash"] = "auto"  # auto: cuDNN on GPU, splash on TPU
     remat: bool = True  # recompute decoder-layer activations in the backward pass
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
 

@@ -270,6 +270,34 @@ def test_sharded_update_matches_single_device(mesh_shape, single_device_run):
         assert shard_rows * shard_cols * mesh_shape[1] * mesh_shape[2] == kernel.size
 
 
+@pytest.mark.parametrize("impl", ["splash", "triton"])
+def test_sharded_update_with_remat_and_flash_kernel_matches_plain(impl):
+    """Remat (a regression: it once failed inside the jitted loops) and the Pallas attention kernels (interpret
+    mode on CPU) in the old-log-prob pass and the update on a (2, 2, 2) mesh, against plain XLA attention."""
+    mesh = make_mesh(2, 2, 2)
+    items = random_items(5, count=8)
+    pack = lambda items, step: pack_samples(  # noqa: E731
+        items, (128,), loss_agg_mode="seq-mean-token-sum-norm", max_response_len=MAX_RESPONSE,
+        rows_multiple=step.rows_multiple)
+    results = []
+    for attention, remat in (("xla", False), ("xla", True), (impl, True)):
+        model = Qwen3ForCausalLM(CONFIG, attention_impl=attention, remat=remat, rngs=nnx.Rngs(0))
+        step = TrainStep(model, algorithm(), OPTIM, mesh=mesh)
+        state = step.init_state(model)
+        plain = pack(items, step)
+        old = plain.response_values(step.logprobs(state.params, plain))
+        batch = pack([item._replace(old_logp=o - 0.1) for item, o in zip(items, old)], step)
+        state, metrics = step.update(state, batch, 1)
+        results.append((old, flat_params(state.params), jax.device_get(metrics)["actor/grad_norm"]))
+    (old_base, params_base, norm_base), *others = results
+    for old, params, norm in others:
+        for a, b in zip(old_base, old):
+            np.testing.assert_allclose(b, a, atol=1e-5)
+        for name in params_base:
+            np.testing.assert_allclose(params[name], params_base[name], atol=PARAM_ATOL, rtol=0, err_msg=name)
+        np.testing.assert_allclose(norm, norm_base, rtol=1e-4)
+
+
 def test_non_finite_gradient_skips_the_update():
     model = make_model()
     step = TrainStep(model, algorithm(), OPTIM)

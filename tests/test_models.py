@@ -52,15 +52,6 @@ def test_config_shape_is_the_hard_case(hf_folder):
     assert config.num_hidden_layers >= 3
 
 
-def test_dot_product_attention_matches_xla(tiny_hf_folder):
-    ids, mask, positions = _padded_batch(128)
-    args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask))
-    xla, _ = load_hf_checkpoint(tiny_hf_folder)(*args)
-    fused, _ = load_hf_checkpoint(tiny_hf_folder, attention_impl="dot_product")(*args)
-    real = mask.astype(bool)
-    assert np.abs(np.asarray(xla)[real] - np.asarray(fused)[real]).max() <= 1e-5
-
-
 def test_packed_row_equals_separate_sequences(tiny_hf_folder):
     model = load_hf_checkpoint(tiny_hf_folder)
     a, b = RNG.integers(0, 128, size=7), RNG.integers(0, 128, size=5)

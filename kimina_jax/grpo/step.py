@@ -196,17 +196,20 @@ class TrainStep:
         when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
         norm is not finite leaves parameters and optimizer state as they were.
         """
-        return self._update(state, *self._update_arguments(batch, train_step))
+        with jax.set_mesh(self.mesh):  # attention kernels split themselves by this mesh
+            return self._update(state, *self._update_arguments(batch, train_step))
 
     def lower_update(self, state: TrainState, batch: PackedBatch) -> jax.stages.Lowered:
         """`update` lowered for this batch's shapes, e.g. for `.compile().memory_analysis()`."""
-        return self._update.lower(state, *self._update_arguments(batch, 0))
+        with jax.set_mesh(self.mesh):
+            return self._update.lower(state, *self._update_arguments(batch, 0))
 
     def logprobs(self, params: nnx.State, batch: PackedBatch) -> np.ndarray:
         """[rows, length] log-probs of `batch.targets` under `params` (temperature applied), aligned like
         `batch.loss_mask`: `batch.response_values(...)` cuts them into per-response arrays."""
         micro_batches, num_micro = self._device_micro_batches(batch, LOGPROB_INPUTS)
-        out = np.asarray(self._logprobs(params, micro_batches, num_micro))
+        with jax.set_mesh(self.mesh):
+            out = np.asarray(self._logprobs(params, micro_batches, num_micro))
         return out[: int(num_micro)].reshape(batch.tokens.shape)
 
     # ------------------------------------------------------------------------------------ jitted bodies

@@ -79,7 +79,7 @@ def to_jax_dtype(dtype) -> jnp.dtype:
 
 
 def abstract_model(
-    config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: AttentionImpl = "xla",
+    config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: AttentionImpl = "auto",
     remat: bool = False,
 ) -> Qwen3ForCausalLM:
     """The model with shape-only parameters (nothing allocated)."""
@@ -126,7 +126,7 @@ def load_hf_checkpoint(
     mesh: jax.sharding.Mesh | None = None,
     *,
     param_dtype=None,
-    attention_impl: AttentionImpl = "xla",
+    attention_impl: AttentionImpl = "auto",
     remat: bool = False,
 ) -> Qwen3ForCausalLM:
     """Loads an HF Qwen3 folder, tensor by tensor, placing each parameter with its sharding on `mesh`.

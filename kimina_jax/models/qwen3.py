@@ -6,16 +6,14 @@ generated tokens share one masking rule: a query sees the earlier-or-equal slots
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from kimina_jax.models.attention import (
+    ATTENTION_IMPLS, AttentionImpl, attention_mask, segment_attention, xla_attention,
+)
 from kimina_jax.models.config import Qwen3Config
-
-AttentionImpl = Literal["xla", "dot_product"]
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @struct.dataclass
@@ -64,35 +62,10 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segments, k_segments, q_slots, k_slots) -> jax.Array:
-    """[B, T, S] bool: same non-padding segment, key slot not after the query slot (slots are [T], [S])."""
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    return same & (k_slots[None, None, :] <= q_slots[None, :, None])
-
-
-def _xla_attention(q, k, v, mask, scale):
-    b, t, n_q, d = q.shape
-    n_kv = k.shape[2]
-    q = q.reshape(b, t, n_kv, n_q // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n_q, d).astype(v.dtype)
-
-
-def _fused_attention(q, k, v, mask, scale):
-    # jax.nn.dot_product_attention picks cuDNN flash attention on GPU where it applies, XLA elsewhere.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale)
-
-
-_ATTENTION = {"xla": _xla_attention, "dot_product": _fused_attention}
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
-        if attention_impl not in _ATTENTION:
-            raise ValueError(f"attention_impl must be one of {sorted(_ATTENTION)}, got {attention_impl!r}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
         self.cfg = cfg
         self.attention_impl = attention_impl
         d, h = cfg.head_dim, cfg.hidden_size
@@ -115,21 +88,17 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q = rotary(q, positions, cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta)
-        q_slots = jnp.arange(t, dtype=jnp.int32)
+        scale = cfg.head_dim**-0.5
         if layer_cache is None:
-            k_all, v_all, k_segments, k_slots = k, v, segment_ids, q_slots
-        else:
-            cached_k, cached_v = layer_cache
-            k_all = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
-            k_segments, k_slots = cache_segments, jnp.arange(k_all.shape[1], dtype=jnp.int32)
-            q_slots = q_slots + cache_index
-        mask = attention_mask(segment_ids, k_segments, q_slots, k_slots)
-        out = _ATTENTION[self.attention_impl](
-            q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_dim**-0.5
-        )
-        new_cache = None if layer_cache is None else (k_all, v_all)
-        return self.o_proj(out.reshape(b, t, -1)), new_cache
+            out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
+            return self.o_proj(out.reshape(b, t, -1)), None
+        cached_k, cached_v = layer_cache
+        k_all = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
+        q_slots = jnp.arange(t, dtype=jnp.int32) + cache_index
+        mask = attention_mask(segment_ids, cache_segments, q_slots, jnp.arange(k_all.shape[1], dtype=jnp.int32))
+        out = xla_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
+        return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -187,13 +156,13 @@ class Qwen3Model(nnx.Module):
                 cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1
             )
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            call = nnx.remat(lambda mod, *a: mod(*a)) if self.remat and cache is None else (lambda mod, *a: mod(*a))
-            index = None if cache is None else cache.index
-            x, kv = call(layer, x, positions, segment_ids, layer_cache, index, cache_segments)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+            if cache is None:
+                x = _rematted(layer, x, positions, segment_ids) if self.remat else layer(x, positions, segment_ids)[0]
+                continue
+            x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
+                                      cache_segments)
+            new_keys.append(keys)
+            new_values.append(values)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
@@ -205,6 +174,14 @@ class Qwen3Model(nnx.Module):
         return self.norm(x), new_cache
 
 
+def _rematted(layer: DecoderLayer, x, positions, segment_ids):
+    """The layer's output, its activations recomputed in the backward pass. A pure function of the layer's
+    state (`jax.checkpoint`, not `nnx.remat`): it may run inside loops and jits that merged the model."""
+    graphdef, state = nnx.split(layer)
+    forward = lambda state, *args: nnx.merge(graphdef, state)(*args)[0]  # noqa: E731
+    return jax.checkpoint(forward)(state, x, positions, segment_ids)
+
+
 class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 with its language-model head; tied heads reuse the embedding matrix."""
 
@@ -214,7 +191,7 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        attention_impl: AttentionImpl = "xla",
+        attention_impl: AttentionImpl = "auto",
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
