@@ -6,10 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
 from jax.sharding import NamedSharding, PartitionSpec
+from unittest import mock
 
 from kimina_jax.models import load_hf_checkpoint
-from kimina_jax.models.attention import _cudnn_attention, resolve_attention_impl, segment_attention
+from kimina_jax.models.attention import (
+    MAX_SEGMENTS_PER_ROW, packed_segment_layout, resolve_attention_impl, segment_attention,
+)
 from kimina_jax.parallel import make_mesh
 
 B, T, HEADS, KV_HEADS, D = 4, 256, 4, 2, 32
@@ -54,8 +58,6 @@ KERNELS = {
     "xla": lambda q, k, v, s: segment_attention(q, k, v, s, SCALE, "xla"),
     "splash": lambda q, k, v, s: segment_attention(q, k, v, s, SCALE, "splash"),
     "triton": lambda q, k, v, s: segment_attention(q, k, v, s, SCALE, "triton"),
-    # cuDNN itself needs a GPU; this checks that its mask + is_causal split means the same attention.
-    "cudnn-semantics": lambda q, k, v, s: _cudnn_attention(q, k, v, s, SCALE, implementation="xla"),
 }
 
 
@@ -115,3 +117,40 @@ def test_choice_of_implementation():
     np.testing.assert_array_equal(
         np.asarray(segment_attention(*short, SCALE, "splash")), np.asarray(segment_attention(*short, SCALE, "xla"))
     )
+
+
+def test_packed_segment_layout_describes_the_segments():
+    """cuDNN's packed layout (lengths and offsets) read back as a mask equals the segment-causal mask."""
+    segments = np.zeros((4, 64), np.int32)
+    segments[0, :10], segments[0, 10:11], segments[0, 11:60] = 1, 2, 3
+    segments[1, 5:] = 1  # left padding
+    segments[2, : 2 * MAX_SEGMENTS_PER_ROW] = np.repeat(np.arange(1, MAX_SEGMENTS_PER_ROW + 1), 2)
+    lengths, offsets = (np.asarray(x) for x in packed_segment_layout(jnp.asarray(segments)))
+    assert lengths.shape == (4, MAX_SEGMENTS_PER_ROW) and offsets.shape == (4, MAX_SEGMENTS_PER_ROW + 1)
+    for row in range(4):
+        present = lengths[row] > 0
+        assert np.all(lengths[row][~present] == -1) and np.all(offsets[row][np.append(~present, True)] == -1)
+        assert present.tolist() == sorted(present.tolist(), reverse=True)  # absent entries come last
+        sequence = np.full(64, -1)
+        for m in np.flatnonzero(present):
+            sequence[offsets[row, m] : offsets[row, m] + lengths[row, m]] = m
+        want = segments[row][:, None] == segments[row][None, :]
+        want &= (segments[row] > 0)[None, :] & np.tril(np.ones((64, 64), bool))
+        got = (sequence[:, None] == sequence[None, :]) & (sequence >= 0)[None, :] & np.tril(np.ones((64, 64), bool))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cudnn_attention_lowers_for_gpu():
+    """No GPU here: lower (not run) the forward and backward for CUDA, cuDNN's version checks patched, to check
+    the call JAX's cuDNN wrapper accepts (shapes, GQA, packed layout) and the kernel it asks for."""
+    q, k, v, segments = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs())
+    q, k, v = (jnp.concatenate([x] * 4, axis=-1) for x in (q, k, v))  # head_dim 128, as Qwen3's
+    loss = lambda q, k, v: jnp.sum(segment_attention(q, k, v, segments, SCALE, "cudnn").astype(jnp.float32))
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
+            mock.patch.object(cudnn_fused_attention, "check_cudnn_version", lambda: 90800), \
+            mock.patch.object(cudnn_fused_attention, "check_compute_capability", lambda capability: True), \
+            mock.patch.object(cudnn_fused_attention, "is_cuda_compute_capability_equal", lambda capability: False):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    for target in ("__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward("):
+        call = next(line for line in text.splitlines() if target in line)
+        assert "PADDING_CAUSAL" in call and f"max_seg_per_batch\\22: {MAX_SEGMENTS_PER_ROW}" in call

@@ -9,6 +9,7 @@ import pytest
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import AGG_MODES, PackItem, aggregate_loss, pack_samples, ppo_token_loss, row_length_buckets
 from kimina_jax.grpo.math import grpo_advantages
+from kimina_jax.models.attention import MAX_SEGMENTS_PER_ROW
 from tests.test_grpo_math import ref_aggregate
 
 BUCKETS = (32, 64, 128)
@@ -93,6 +94,9 @@ def test_bucket_selection_and_first_fit_decreasing():
         pack_samples([item(3), item(17)], (8, 16), loss_agg_mode="token-mean")
     assert row_length_buckets(32768, 1024) == (1024, 2048, 4096, 8192, 16384, 32768)
     assert row_length_buckets(10000, 2048) == (2048, 4096, 8192, 10000)
+    # A row holds at most MAX_SEGMENTS_PER_ROW sequences (cuDNN's packed attention), even with room left.
+    many = pack_samples([item(2)] * 100, (1024,), loss_agg_mode="token-mean")
+    assert many.num_rows == 4 and many.segment_ids.max(axis=1).tolist() == [MAX_SEGMENTS_PER_ROW] * 3 + [4]
 
 
 def test_packing_is_deterministic_and_takes_plain_tuples():

@@ -16,7 +16,7 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
 
 Rows have one of a few configured lengths (buckets), so the train step compiles a bounded number of times:
 a batch's row length is the smallest bucket that holds its longest item, items go into rows by
-first-fit-decreasing, and the row count is padded to a multiple of `rows_multiple` (a micro-batch's rows).
+first-fit-decreasing (at most `MAX_SEGMENTS_PER_ROW` sequences per row), and the row count is padded to a multiple of `rows_multiple` (a micro-batch's rows).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.math import sequence_token_weights
+from kimina_jax.models.attention import MAX_SEGMENTS_PER_ROW
 
 
 class PackItem(NamedTuple):
@@ -225,12 +226,13 @@ def _pick_bucket(row_buckets: Sequence[int], lengths: list[int]) -> int:
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Item indices per row: longest first (ties by index), each into the first row with room."""
+    """Item indices per row: longest first (ties by index), each into the first row with room for its tokens and
+    one more segment (the cuDNN attention kernel takes at most `MAX_SEGMENTS_PER_ROW` per row)."""
     rows: list[list[int]] = []
     free: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         for row, room in enumerate(free):
-            if room >= lengths[index]:
+            if room >= lengths[index] and len(rows[row]) < MAX_SEGMENTS_PER_ROW:
                 rows[row].append(index)
                 free[row] -= lengths[index]
                 break

@@ -3,8 +3,9 @@ rows (training and log-prob passes), where materialising [heads, T, T] scores is
 
 `model.attention_impl` picks one:
 - `xla`: scores in float32, any shape, the KV-cache path of the sampler always uses it;
-- `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs); packed segments are
-  its boolean mask, causality its `is_causal` flag, so it skips the upper triangle;
+- `cudnn`: cuDNN flash attention (NVIDIA GPUs, bfloat16/float16) in its packed layout: each segment is its own
+  causal sequence given by offset and length, at most `MAX_SEGMENTS_PER_ROW` per row (`pack_samples` keeps
+  to that bound);
 - `triton`: the Pallas (Triton) flash-attention kernel shipped with JAX, with native segment ids (GPUs);
 - `splash`: the Pallas splash-attention kernel shipped with JAX, with native segment ids (TPUs);
 - `auto`: `cudnn` on GPU (`triton` for float32 compute), `splash` on TPU, `xla` elsewhere.
@@ -20,6 +21,7 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -28,6 +30,7 @@ from jax.sharding import PartitionSpec
 AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
 FLASH_BLOCK = 128
+MAX_SEGMENTS_PER_ROW = 32
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -77,14 +80,28 @@ def resolve_attention_impl(impl: AttentionImpl, dtype=jnp.bfloat16) -> str:
     return "splash" if backend == "tpu" else "xla"
 
 
-def _cudnn_attention(q, k, v, segment_ids, scale, implementation: str = "cudnn"):
-    # Within contiguous segments, "same segment and causal" == "same segment" and global causality, so the
-    # causal part goes to is_causal (cuDNN skips those tiles) and only the segment part is a mask.
-    # `implementation="xla"` gives the same semantics off-GPU (tests compare it with `xla_attention`).
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=same[:, None], scale=scale, is_causal=True, implementation=implementation
+def packed_segment_layout(segment_ids, max_segments: int = MAX_SEGMENTS_PER_ROW):
+    """cuDNN's packed layout of rows of contiguous segments numbered 1..k: per row the length of each segment
+    [B, max_segments] and its first position [B, max_segments + 1], absent entries -1."""
+    ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+    member = segment_ids[:, None, :] == ids[None, :, None]  # [B, M, T]
+    counts = jnp.sum(member, axis=-1, dtype=jnp.int32)
+    present = counts > 0
+    starts = jnp.where(present, jnp.argmax(member, axis=-1).astype(jnp.int32), -1)
+    no_end = jnp.full((segment_ids.shape[0], 1), -1, jnp.int32)
+    return jnp.where(present, counts, -1), jnp.concatenate([starts, no_end], axis=1)
+
+
+def _cudnn_attention(q, k, v, segment_ids, scale):
+    # jax.nn.dot_product_attention has no packed layout (a segment mask there becomes a dense [T, T] bias whose
+    # gradient cuDNN also computes), so this calls JAX's cuDNN wrapper underneath it.
+    seqlens, offsets = packed_segment_layout(segment_ids)
+    out = cudnn_fused_attention.dot_product_attention(
+        q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+        mask_type=cudnn_fused_attention.MaskType.PADDING_CAUSAL,
     )
+    # Segments past the bound would be silently dropped: make such a row loudly non-finite instead.
+    return jnp.where(jnp.max(segment_ids) > MAX_SEGMENTS_PER_ROW, jnp.nan, out)
 
 
 def _triton_attention(q, k, v, segment_ids, scale):
