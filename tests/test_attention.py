@@ -145,7 +145,7 @@ def test_cudnn_attention_lowers_for_gpu():
     the call JAX's cuDNN wrapper accepts (shapes, GQA, packed layout) and the kernel it asks for."""
     q, k, v, segments = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs())
     q, k, v = (jnp.concatenate([x] * 4, axis=-1) for x in (q, k, v))  # head_dim 128, as Qwen3's
-    loss = lambda q, k, v: jnp.sum(segment_attention(q, k, v, segments, SCALE, "cudnn").astype(jnp.float32))
+    loss = lambda q, k, v: jnp.sum(segment_attention(q, k, v, segments, SCALE, "cudnn").astype(jnp.float32))  # noqa: E731
     with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
             mock.patch.object(cudnn_fused_attention, "check_cudnn_version", lambda: 90800), \
             mock.patch.object(cudnn_fused_attention, "check_compute_capability", lambda capability: True), \

@@ -298,6 +298,21 @@ def test_sharded_update_with_remat_and_flash_kernel_matches_plain(impl):
         np.testing.assert_allclose(norm, norm_base, rtol=1e-4)
 
 
+def test_fsdp_mesh_compiles_without_replicating_activations(capfd):
+    """On a (2, 2, 2) mesh XLA once split activations by hidden like the FSDP weights, then had to replicate
+    them to go back ("involuntary full rematerialization" on stderr, plus collective-permutes)."""
+    step = TrainStep(make_model(), algorithm(), OPTIM, mesh=make_mesh(2, 2, 2))
+    state = step.init_state(make_model())
+    items = random_items(6, count=8)
+    batch = pack_samples([item._replace(old_logp=np.zeros(len(item.response_ids), np.float32)) for item in items],
+                         (128,), loss_agg_mode="seq-mean-token-sum-norm", max_response_len=MAX_RESPONSE,
+                         rows_multiple=step.rows_multiple)
+    capfd.readouterr()
+    hlo = step.lower_update(state, batch).compile().as_text()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert "collective-permute" not in hlo and "all-to-all" not in hlo
+
+
 def test_non_finite_gradient_skips_the_update():
     model = make_model()
     step = TrainStep(model, algorithm(), OPTIM)

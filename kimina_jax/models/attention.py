@@ -16,7 +16,6 @@ split over `data` x `fsdp`, heads over `tensor`, as the sharding rules split act
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import jax
@@ -26,6 +25,8 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
+
+from kimina_jax.models.mesh_hints import row_mesh_axes
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
@@ -138,11 +139,11 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, segment_ids)
-    row_axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.shape)
-    rows = row_axes if q.shape[0] % math.prod(mesh.shape[axis] for axis in row_axes) == 0 else None
+    rows = row_mesh_axes(mesh, q.shape[0])
     tensor = mesh.shape.get("tensor", 1)
     heads = "tensor" if q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
     spec = PartitionSpec(rows, None, heads, None)
     return jax.shard_map(
         kernel, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec, check_vma=False
     )(q, k, v, segment_ids)
+

@@ -14,6 +14,7 @@ from kimina_jax.models.attention import (
     ATTENTION_IMPLS, AttentionImpl, attention_mask, segment_attention, xla_attention,
 )
 from kimina_jax.models.config import Qwen3Config
+from kimina_jax.models.mesh_hints import constrain_columns_whole, constrain_rows
 
 
 @struct.dataclass
@@ -147,8 +148,14 @@ class Qwen3Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat = remat
 
+    def _embed(self, input_ids):
+        # The table's hidden dimension is split over `fsdp`; gathered first, the lookup yields whole hidden
+        # vectors for the rows each device holds (else XLA splits activations by hidden, then must undo it).
+        table = constrain_columns_whole(self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype))
+        return jnp.take(table, input_ids, axis=0)
+
     def __call__(self, input_ids, positions, segment_ids, cache: KVCache | None = None):
-        x = self.embed_tokens(input_ids)
+        x = constrain_rows(self._embed(input_ids))
         new_keys, new_values = [], []
         cache_segments = None
         if cache is not None:
@@ -158,6 +165,7 @@ class Qwen3Model(nnx.Module):
         for i, layer in enumerate(self.layers):
             if cache is None:
                 x = _rematted(layer, x, positions, segment_ids) if self.remat else layer(x, positions, segment_ids)[0]
+                x = constrain_rows(x)
                 continue
             x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
                                       cache_segments)
