@@ -3,9 +3,14 @@ from config.json alone) on loopback, started with launch/vllm_server.sh: pushed 
 server killed mid-rollout loses nothing."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,12 +22,15 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, load_hf_checkpoint
 from kimina_jax.rollout import JaxSampler, SamplingParams, VllmServerEngine, logprob_diff
 from kimina_jax.rollout.factory import make_engine
+from tests.lean_harness.server import free_port
 from tests.rollout_fixtures import perturbed, trainer_logprobs
 from tests.vllm_support import requires_vllm
 
 EOS = 2
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 40)), [3, 4]]
 SCORED = list(range(3, 60, 2))
+PUSHED_NOISE = (0.05, 33)  # perturbed() arguments of the weights the two-process test pushes
+REPO = Path(__file__).resolve().parents[1]
 
 
 def server_prompt_logprobs(url: str, ids: list[int]) -> np.ndarray:
@@ -84,6 +92,34 @@ def test_pushed_weights_reach_every_server(vllm_servers, tiny_tied_hf_folder, tm
     with pytest.raises(KiminaError, match=r"/v1/completions: HTTP 4\d\d: .*seed"):  # the request's fault
         engine.generate(PROMPTS[:1], SamplingParams(max_tokens=4, seed=2**63))
     assert engine.live_urls == urls
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_two_trainer_processes_share_the_pool(vllm_servers, tiny_tied_hf_folder, tmp_path):
+    """Two JAX processes of one job push the same weights (process 0 writes and reloads, process 1 waits for it)
+    and each samples its share: every share, process 1's included, comes from the NEW weights."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(REPO)}
+    out = tmp_path / "shares.json"
+    args = [f"127.0.0.1:{free_port()}", str(tiny_tied_hf_folder), str(tmp_path / "w"), str(out),
+            *(s.url for s in vllm_servers)]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "vllm_server_two_processes.py"), args[0], str(i),
+                               *args[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    result = json.loads(out.read_text())
+    pushed = perturbed(load_hf_checkpoint(tiny_tied_hf_folder), *PUSHED_NOISE)
+    for process_id, share in enumerate(result["shares"]):
+        prompts = PROMPTS[process_id::2]
+        greedy = JaxSampler(pushed).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+        assert [tokens for tokens, _ in share] == [list(c.token_ids) for (c,) in greedy]
+        for prompt, (tokens, logprobs) in zip(prompts, share):
+            np.testing.assert_allclose(logprobs, trainer_logprobs(pushed, prompt, tokens), atol=1e-4, rtol=0)
+    assert result["sync_s"] > 0
 
 
 @pytest.mark.vllm

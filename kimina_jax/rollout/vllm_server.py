@@ -20,7 +20,9 @@ storage that the trainer and every server can read at the same path.
   `lm_head.weight`, which vLLM's reload needs, see weights.py), then every server gets
   `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": weights_dir}}` and
   `POST /reset_prefix_cache` (cached prompt KV was computed with the old weights); failures as above.
-  One JAX process only: several would each write the folder (gathering to one writer is not built yet).
+  Several JAX processes (each sampling its share of the prompts from the same pool): each passes the whole
+  model (the trainer gathers one per process), process 0 alone writes and reloads, and every process waits
+  for its outcome before going on.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from flax import nnx
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
+from kimina_jax.parallel import broadcast_object
 from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
@@ -233,16 +236,35 @@ class VllmServerEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------ weights
     def update_weights(self, model_or_params: Any) -> None:
+        """Push the weights (every process passes the whole model; process 0 alone writes and reloads)."""
         self._check_usable()
-        if jax.process_count() > 1:
-            # Each process would write the folder and reload the pool; the gather to one writer is not built yet.
-            raise KiminaError("rollout.engine 'vllm-server': the weight push runs in a single JAX process only")
         model = as_model(model_or_params, self._graphdef)
         check_architecture(self.config, model.config)
         start = time.perf_counter()
+        if jax.process_count() == 1:
+            self._push(model)
+        else:
+            self._push_from_process_zero(model)
+        self.last_sync_s = time.perf_counter() - start
+
+    def _push(self, model) -> None:
         save_hf_checkpoint(model, self.weights_dir, dtype=self.dtype, tied_lm_head=True)
         asyncio.run(self._reload_all())
-        self.last_sync_s = time.perf_counter() - start
+
+    def _push_from_process_zero(self, model) -> None:
+        # The others wait for the outcome: none may sample from servers still holding the old weights, and a
+        # failed push must stop every process rather than leave them waiting.
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self._push(model)
+            except Exception as err:  # noqa: BLE001 (re-raised below, after the others heard of it)
+                error = err
+        outcome = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise KiminaError(f"vllm-server: the weight push failed on process 0: {outcome}")
 
     async def _reload_all(self) -> None:
         async with _Session(self) as session:
