@@ -2,6 +2,13 @@
 log-probs are the trainer's for the new weights, and its greedy outputs follow them."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -20,6 +27,8 @@ EOS = 2
 # bf16 weights and activations keep about 3 significant digits: on this tiny model vLLM-bf16's log-probs differ
 # from the fp32 trainer's by up to 0.02 (measured); the tolerance leaves a margin.
 BF16_ATOL = 0.05
+TP_PUSHES = ((0.05, 51), (0.05, 52))  # perturbed() arguments of the tensor-parallel test's two pushes
+REPO = Path(__file__).resolve().parents[1]
 
 
 def vllm_prompt_logprobs(engine, ids: list[int]) -> np.ndarray:
@@ -124,3 +133,25 @@ def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(vllm_engine)
     vllm_engine.wake()
     out = vllm_engine.generate([[3] * 246], SamplingParams(max_tokens=10))
     assert len(out[0][0].token_ids) >= 1
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_takes_pushed_weights_through_a_folder(tiny_tied_hf_folder, tmp_path):
+    """tensor_parallel_size=2: the workers are other processes, the push goes through a temporary folder. Started
+    with dummy weights, after each of two pushes the greedy outputs and log-probs are those of the NEW weights."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copyfile(tiny_tied_hf_folder / "config.json", config_only / "config.json")
+    out = tmp_path / "results.json"
+    script = [sys.executable, str(REPO / "tests" / "vllm_tensor_parallel_push.py"), str(tiny_tied_hf_folder),
+              str(config_only), str(out)]
+    run = subprocess.run(script, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    start = load_hf_checkpoint(tiny_tied_hf_folder)
+    for noise, samples in zip(TP_PUSHES, json.loads(out.read_text())):
+        pushed = perturbed(start, *noise)
+        greedy = JaxSampler(pushed).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8))
+        assert [tokens for tokens, _ in samples] == [list(c.token_ids) for (c,) in greedy]
+        for prompt, (tokens, logprobs) in zip(PROMPTS, samples):
+            np.testing.assert_allclose(logprobs, trainer_logprobs(pushed, prompt, tokens), atol=1e-4, rtol=0)

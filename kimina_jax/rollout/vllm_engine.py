@@ -11,8 +11,10 @@ What the installed vLLM offers decides the path, once, at start (facts read from
   engine in this process they would only add copies, so they are not used.
 - TPU (tpu-inference, weights are JAX arrays): `tpu_inference.push_weights` (not run in this project's CI).
 - Then `reset_prefix_cache()`: cached prompt KV was computed with the old weights.
-- tensor_parallel_size > 1 puts workers in other processes: generation works, the in-memory push does not
-  (`update_weights` says so); it would need vLLM's NCCL/IPC weight transfer.
+- Workers in other processes (tensor_parallel_size > 1): Python objects cannot reach them, so the weights go
+  through a temporary HF folder (in `TMPDIR`: point it at a RAM disk such as /dev/shm to stay off disk) that
+  every worker reads with `reload_weights(weights_path=...)`, as a vllm-server does. An engine started with
+  dummy weights is first switched to the safetensors loader (the worker's `update_config`).
 
 Log-probs: `logprobs_mode="processed_logprobs"`, so vLLM reports log_softmax(logits / temperature) at the sampled
 token, the trainer's definition, whenever no top-k / top-p filter is set (the training recipe: top_p 1). With a
@@ -29,6 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +40,7 @@ from typing import Any
 from flax import nnx
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.models import Qwen3Config, abstract_model
+from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
 from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
@@ -222,7 +225,9 @@ def _choose_weight_push(llm):
 
     executor = getattr(llm.llm_engine, "model_executor", None)
     if getattr(executor, "driver_worker", None) is None:
-        return _not_in_process
+        if llm.llm_engine.vllm_config.load_config.load_format == "dummy":  # that loader cannot reload
+            llm.collective_rpc("update_config", kwargs={"overrides": {"load_config": {"load_format": "safetensors"}}})
+        return _reload_from_folder
     if current_platform.is_tpu():
         from kimina_jax.rollout.tpu_inference import push_weights
 
@@ -249,12 +254,11 @@ def _reload_weights(llm, model) -> None:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
 
 
-def _not_in_process(llm, model) -> None:
-    raise KiminaError(
-        "update_weights: vLLM's workers run in other processes (tensor_parallel_size > 1, or "
-        "VLLM_ENABLE_V1_MULTIPROCESSING was 1 when vLLM first started in this process); the in-memory weight "
-        "push needs tensor_parallel_size=1"
-    )
+def _reload_from_folder(llm, model) -> None:
+    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory(prefix="kimina-jax-weights-") as folder:
+        save_hf_checkpoint(model, folder, dtype=dtype, tied_lm_head=True)
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
 
 
 class _RotaryReloadFilter(logging.Filter):
