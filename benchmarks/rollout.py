@@ -8,7 +8,7 @@ Weights are random: the JAX model is initialised in memory, vLLM starts from a f
 after every step (timed: median of --syncs pushes after a warm-up one). Generation runs once to compile/warm
 up, then is timed; tokens/s counts the tokens actually generated (EOS is disabled). vLLM is skipped when not
 installed. Targets (issue 4), one H100, Qwen3-1.7B shape: weight sync under 1 s; the JAX sampler within 3x of
-vLLM's tokens/s.
+vLLM's tokens/s. `--engines stream` times the trainer's half of a vLLM push alone (where vLLM cannot be installed).
 """
 from __future__ import annotations
 
@@ -55,12 +55,12 @@ class Row:
     engine: str
     rows: int
     tokens: int
-    gen_s: float
+    gen_s: float | None  # None: the row times a weight sync alone
     sync_s: float | None
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.gen_s
+    def tokens_per_s(self) -> float | None:
+        return None if self.gen_s is None else self.tokens / self.gen_s
 
 
 def make_model(shape: str, dtype: str) -> Qwen3ForCausalLM:
@@ -86,6 +86,28 @@ def bench_jax(shape, model, prompts, params, syncs: int) -> Row:
         times.append(time.perf_counter() - start)
     return Row(shape, model.config.num_params / 1e6, "jax", len(prompts) * params.n, tokens, seconds,
                statistics.median(times))
+
+
+def bench_stream(shape, model, syncs: int, dtype: str) -> Row:
+    """The trainer's half of a vLLM push without vLLM: every parameter in HF names and layout, handed to torch on
+    the accelerator (DLPack) or the host, as `update_weights` streams them into vLLM's reload."""
+    import torch
+
+    from kimina_jax.rollout.weights import hf_torch_tensors
+
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+    def one_push() -> float:
+        start = time.perf_counter()
+        for _, tensor in hf_torch_tensors(model, device=device, dtype=getattr(torch, dtype)):
+            del tensor
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    one_push()  # compiles the per-tensor casts and transposes
+    times = [one_push() for _ in range(syncs)]
+    return Row(shape, model.config.num_params / 1e6, "stream", 0, 0, None, statistics.median(times))
 
 
 def bench_vllm(shape, model, prompts, params, syncs: int, dtype: str, gpu_memory_utilization: float) -> Row:
@@ -118,14 +140,16 @@ def print_table(rows: list[Row]) -> None:
     print("-" * len(header))
     for r in rows:
         sync = f"{r.sync_s:.4f}" if r.sync_s is not None else "-"
-        print(f"{r.shape:<12}{r.params_m:>8.1f}M  {r.engine:<6}{r.rows:>6}{r.tokens:>9}{r.gen_s:>9.3f}"
-              f"{r.tokens_per_s:>11.1f}{sync:>10}")
+        gen = ("-", "-") if r.gen_s is None else (f"{r.gen_s:.3f}", f"{r.tokens_per_s:.1f}")
+        print(f"{r.shape:<12}{r.params_m:>8.1f}M  {r.engine:<6}{r.rows:>6}{r.tokens:>9}{gen[0]:>9}{gen[1]:>11}"
+              f"{sync:>10}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["tiny", "small"])
-    parser.add_argument("--engines", nargs="+", choices=["jax", "vllm"], default=["jax", "vllm"])
+    parser.add_argument("--engines", nargs="+", choices=["jax", "vllm", "stream"], default=["jax", "vllm"],
+                        help="stream: only the trainer's half of the vLLM weight push (needs torch, not vLLM)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=4)
@@ -147,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_jax(shape, model, prompts, params, args.syncs))
         if "vllm" in engines:
             rows.append(bench_vllm(shape, model, prompts, params, args.syncs, args.dtype, args.gpu_memory_utilization))
+        if "stream" in engines:
+            rows.append(bench_stream(shape, model, args.syncs, args.dtype))
     print(f"device: {jax.devices()[0].device_kind}, dtype {args.dtype}, {args.prompts} prompts x n={args.n}, "
           f"prompt {args.prompt_len} tokens, up to {args.max_tokens} new tokens")
     print_table(rows)
