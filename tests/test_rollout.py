@@ -55,9 +55,11 @@ def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ JaxSampler
-def test_greedy_matches_transformers_generate(hf_folder):
+@pytest.mark.parametrize("first_window", [4, 512], ids=["phases-4-8-12", "one-phase"])
+def test_greedy_matches_transformers_generate(hf_folder, first_window):
     folder, hf_model = hf_folder
-    out = JaxSampler(load_hf_checkpoint(folder)).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    sampler = JaxSampler(load_hf_checkpoint(folder), first_decode_window=first_window)
+    out = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
     for prompt, (completion,) in zip(PROMPTS, out):
         with torch.no_grad():
             generated = hf_model.generate(
@@ -69,7 +71,7 @@ def test_greedy_matches_transformers_generate(hf_folder):
 
 
 def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
-    sampler = JaxSampler(tiny_model)
+    sampler = JaxSampler(tiny_model, first_decode_window=3)  # decode phases of 3, 6 and 10 tokens
     filtered = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=50, max_tokens=10, seed=1)
     sampled = sampler.generate(PROMPTS, filtered)  # the log-probs stay those of the full distribution
     greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10))
@@ -134,13 +136,13 @@ def test_samples_come_back_grouped_complete_and_reproducible(tiny_model):
     stop_ids = tuple(range(30, 90))  # many stop ids, so that some rows stop early
     params = SamplingParams(n=3, max_tokens=8, seed=7, stop_token_ids=stop_ids)
     small_batches = JaxSampler(tiny_model, max_batch_rows=2).generate(PROMPTS, params)
-    one_batch = JaxSampler(tiny_model, max_batch_rows=64).generate(PROMPTS, params)
+    one_batch = JaxSampler(tiny_model, max_batch_rows=64, first_decode_window=2).generate(PROMPTS, params)
     assert len(small_batches) == len(PROMPTS)
     stops = set(stop_ids) | {EOS}
     for i, row in enumerate(small_batches):
         assert [(c.prompt_index, c.sample_index) for c in row] == [(i, 0), (i, 1), (i, 2)]
         for completion, same in zip(row, one_batch[i]):
-            assert completion.token_ids == same.token_ids  # batching does not change seeded samples
+            assert completion.token_ids == same.token_ids  # batching and decode phases keep seeded samples
             assert 1 <= len(completion.token_ids) <= 8 and completion.logprobs.shape == (len(completion.token_ids),)
             assert not stops & set(completion.token_ids[:-1])
             ends_on_stop = completion.token_ids[-1] in stops

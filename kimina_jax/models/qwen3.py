@@ -19,12 +19,18 @@ from kimina_jax.models.mesh_hints import constrain_columns_whole, constrain_rows
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, next write slot."""
+    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, next write slot.
+
+    `window` (static) is how many leading slots attention reads (None: all of them): a decoder that knows no
+    token beyond slot w is filled yet reads w slots instead of the whole capacity. A window equal to the number
+    of tokens written means a prefill of an empty cache: the new tokens attend among themselves (flash kernels).
+    """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, slots] int32, 0 = empty
     index: jax.Array  # int32 scalar: slot where the next tokens are written
+    window: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
@@ -81,7 +87,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None):
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
+                 window=None):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim))
@@ -96,9 +103,14 @@ class Attention(nnx.Module):
         cached_k, cached_v = layer_cache
         k_all = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
-        q_slots = jnp.arange(t, dtype=jnp.int32) + cache_index
-        mask = attention_mask(segment_ids, cache_segments, q_slots, jnp.arange(k_all.shape[1], dtype=jnp.int32))
-        out = xla_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
+        if window == t:  # prefill of an empty cache
+            out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
+        else:
+            slots = k_all.shape[1] if window is None else window
+            q_slots = jnp.arange(t, dtype=jnp.int32) + cache_index
+            key_slots = jnp.arange(slots, dtype=jnp.int32)
+            mask = attention_mask(segment_ids, cache_segments[:, :slots], q_slots, key_slots)
+            out = xla_attention(q, k_all[:, :slots].astype(q.dtype), v_all[:, :slots].astype(q.dtype), mask, scale)
         return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
 
 
@@ -125,9 +137,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None):
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
+                 window=None):
         attn, new_cache = self.self_attn(
-            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments
+            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments, window
         )
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
@@ -168,7 +181,7 @@ class Qwen3Model(nnx.Module):
                 x = constrain_rows(x)
                 continue
             x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
-                                      cache_segments)
+                                      cache_segments, cache.window)
             new_keys.append(keys)
             new_values.append(values)
         new_cache = None
@@ -178,6 +191,7 @@ class Qwen3Model(nnx.Module):
                 values=tuple(new_values),
                 segment_ids=cache_segments,
                 index=cache.index + input_ids.shape[1],
+                window=cache.window,
             )
         return self.norm(x), new_cache
 

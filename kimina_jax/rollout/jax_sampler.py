@@ -6,6 +6,11 @@ power-of-two row count and prompt length, then one jitted function runs the pref
 bucket, max_tokens, greedy or not, filtered or not, number of stop ids); temperature, top-p and top-k values
 are traced, so changing them does not recompile.
 
+Decoding runs in phases of doubling length (`first_decode_window` new tokens, then twice as many, ... up to
+max_tokens), each a while loop whose attention reads only the cache slots that phase can have filled: a step
+costs about the context so far, not the cache's whole capacity (with 24k-token responses the difference is
+most of the decode time). The prefill attends among the prompt tokens alone (flash kernels where they apply).
+
 Every row draws from its own key, fold_in(call key, prompt index, sample index, step), so a seeded call gives
 the same samples however the rows are batched.
 """
@@ -33,6 +38,7 @@ from kimina_jax.rollout.base import (
 from kimina_jax.types import Completion
 
 MIN_PROMPT_BUCKET = 16
+FIRST_DECODE_WINDOW = 512
 
 
 class JaxSampler(RolloutEngine):
@@ -51,11 +57,14 @@ class JaxSampler(RolloutEngine):
         max_len: int | None = None,
         max_batch_rows: int = 128,
         seed: int = 0,
+        first_decode_window: int = FIRST_DECODE_WINDOW,
     ):
-        if max_batch_rows < 1:
-            raise KiminaError(f"JaxSampler: max_batch_rows must be >= 1, got {max_batch_rows}")
+        if max_batch_rows < 1 or first_decode_window < 1:
+            raise KiminaError(f"JaxSampler: max_batch_rows and first_decode_window must be >= 1, got "
+                              f"{max_batch_rows}, {first_decode_window}")
         self.config = model.config
         self._graphdef, self._state = nnx.split(model)
+        self.first_decode_window = first_decode_window
         self._sample_batch = _compile(self._graphdef)
         self.tokenizer = tokenizer
         self.eos_token_ids = (
@@ -109,6 +118,7 @@ class JaxSampler(RolloutEngine):
             self._state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live), row_keys,
             stop_ids, jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k),
             max_tokens=params.max_tokens, greedy=params.greedy, filters=params.filters,
+            first_window=self.first_decode_window,
         )
         out_tokens, out_logprobs = np.asarray(out_tokens), np.asarray(out_logprobs)
         n_out, stopped = np.asarray(n_out), np.asarray(stopped)
@@ -123,30 +133,28 @@ def _bucket(size: int, minimum: int) -> int:
 
 def _compile(graphdef: nnx.GraphDef):
     # The graph definition is closed over, not a static argument: the model config it holds is not hashable.
-    return jax.jit(functools.partial(_sample_batch, graphdef), static_argnames=("max_tokens", "greedy", "filters"))
+    return jax.jit(functools.partial(_sample_batch, graphdef),
+                   static_argnames=("max_tokens", "greedy", "filters", "first_window"))
 
 
 def _sample_batch(
     graphdef, state, tokens, lengths, live, row_keys, stop_ids, temperature, top_p, top_k, *,
-    max_tokens: int, greedy: bool, filters: bool,
+    max_tokens: int, greedy: bool, filters: bool, first_window: int,
 ):
-    """Prefill right-padded prompts [B, P], then decode up to `max_tokens` tokens per row.
+    """Prefill right-padded prompts [B, P], then decode up to `max_tokens` tokens per row (in phases, see the
+    module docstring).
 
     Returns tokens [B, max_tokens], their log-probs, the count generated per row, and whether the row stopped
     on a stop id. Decode tokens share the prompt's segment id, so the cache mask hides only the padding slots.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, batch, prompt_len + max_tokens, model.dtype)
+    cache = KVCache.init(model.config, batch, prompt_len + max_tokens, model.dtype).replace(window=prompt_len)
     segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)
-
-    def not_finished(carry):
-        step, _, _, _, _, _, done = carry
-        return (step < max_tokens) & ~jnp.all(done)
 
     def decode_step(carry):
         step, cache, logits, out_tokens, out_logprobs, n_out, done = carry
@@ -166,10 +174,24 @@ def _sample_batch(
         jnp.zeros((batch, max_tokens), jnp.int32), jnp.zeros((batch, max_tokens), jnp.float32),
         jnp.zeros((batch,), jnp.int32), ~live,
     )
-    _, _, _, out_tokens, out_logprobs, n_out, done = jax.lax.while_loop(not_finished, decode_step, carry)
+    for limit in _phase_limits(max_tokens, first_window):
+        step, cache, *rest = carry
+        carry = (step, cache.replace(window=prompt_len + limit), *rest)
+        carry = jax.lax.while_loop(
+            lambda c, limit=limit: (c[0] < limit) & ~jnp.all(c[-1]), decode_step, carry
+        )
+    _, _, _, out_tokens, out_logprobs, n_out, done = carry
     last_token = jnp.take_along_axis(out_tokens, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
     stopped = (n_out > 0) & jnp.isin(last_token, stop_ids)
     return out_tokens, out_logprobs, n_out, stopped
+
+
+def _phase_limits(max_tokens: int, first: int) -> list[int]:
+    """New-token counts at which the decode phases end: first, 2 * first, ... and max_tokens."""
+    limits = [min(first, max_tokens)]
+    while limits[-1] < max_tokens:
+        limits.append(min(2 * limits[-1], max_tokens))
+    return limits
 
 
 def _pick_tokens(logits, keys, temperature, top_p, top_k, greedy: bool, filters: bool):
