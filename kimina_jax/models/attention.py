@@ -101,6 +101,9 @@ def _cudnn_attention(q, k, v, segment_ids, scale):
         q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets, scale=scale,
         mask_type=cudnn_fused_attention.MaskType.PADDING_CAUSAL,
     )
+    # Padding belongs to no sequence and cuDNN need not write it: zeros, so that no stray value reaches the
+    # lm_head gradient (masked logits still multiply their hidden states there).
+    out = jnp.where((segment_ids > 0)[:, :, None, None], out, 0)
     # Segments past the bound would be silently dropped: make such a row loudly non-finite instead.
     return jnp.where(jnp.max(segment_ids) > MAX_SEGMENTS_PER_ROW, jnp.nan, out)
 
