@@ -106,6 +106,12 @@ def test_model_with_kernel_matches_transformers(hf_folder, impl):
 
 def test_choice_of_implementation():
     assert resolve_attention_impl("auto") == "xla"  # CPU
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        for version, half, fp32 in ((90800, "cudnn", "triton"), (90500, "triton", "triton")):
+            with mock.patch.object(cudnn_fused_attention, "check_cudnn_version", lambda version=version: version):
+                assert (resolve_attention_impl("auto"), resolve_attention_impl("auto", jnp.float32)) == (half, fp32)
+    with mock.patch.object(jax, "default_backend", lambda: "tpu"):
+        assert resolve_attention_impl("auto") == "splash"
     assert resolve_attention_impl("splash") == "splash"
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         resolve_attention_impl("flash")

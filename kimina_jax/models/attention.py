@@ -8,7 +8,8 @@ rows (training and log-prob passes), where materialising [heads, T, T] scores is
   to that bound);
 - `triton`: the Pallas (Triton) flash-attention kernel shipped with JAX, with native segment ids (GPUs);
 - `splash`: the Pallas splash-attention kernel shipped with JAX, with native segment ids (TPUs);
-- `auto`: `cudnn` on GPU (`triton` for float32 compute), `splash` on TPU, `xla` elsewhere.
+- `auto`: `cudnn` on GPU (`triton` for float32 compute or a cuDNN older than 9.6), `splash` on TPU, `xla`
+  elsewhere.
 Flash kernels need rows whose length is a multiple of `FLASH_BLOCK`; shorter or odd rows, cheap anyway, use
 `xla`. Off their platform the Pallas kernels run in Pallas interpret mode (slow; that is how CPU tests check
 them against `xla`). Under a mesh set with `jax.set_mesh` the kernels run per shard (`jax.shard_map`): rows
@@ -32,6 +33,7 @@ AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
 FLASH_BLOCK = 128
 MAX_SEGMENTS_PER_ROW = 32
+CUDNN_PACKED_MIN_VERSION = 90600  # cuDNN 9.6: flash attention over packed (ragged) sequences
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -77,8 +79,16 @@ def resolve_attention_impl(impl: AttentionImpl, dtype=jnp.bfloat16) -> str:
         return impl
     backend = jax.default_backend()
     if backend == "gpu":
-        return "cudnn" if jnp.dtype(dtype) in _HALF_DTYPES else "triton"
+        return "cudnn" if jnp.dtype(dtype) in _HALF_DTYPES and _cudnn_has_packed_layout() else "triton"
     return "splash" if backend == "tpu" else "xla"
+
+
+def _cudnn_has_packed_layout() -> bool:
+    """Whether the GPU's cuDNN runs flash attention on packed sequences (cuDNN 9.6 or newer)."""
+    try:
+        return cudnn_fused_attention.check_cudnn_version() >= CUDNN_PACKED_MIN_VERSION
+    except RuntimeError:  # no cuDNN found
+        return False
 
 
 def packed_segment_layout(segment_ids, max_segments: int = MAX_SEGMENTS_PER_ROW):
