@@ -37,6 +37,7 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.evaluate import sample_record, validate
 from kimina_jax.grpo import PackItem, TrainStep, grpo_advantages, pack_samples, row_length_buckets
 from kimina_jax.models import load_hf_checkpoint
+from kimina_jax.models.attention import resolve_attention_impl
 from kimina_jax.models.hf import resolve_model_folder, to_jax_dtype
 from kimina_jax.models.tiny import build_tiny_model
 from kimina_jax.parallel import (
@@ -85,6 +86,11 @@ class Trainer:
         self.renderer = PromptRenderer(self.tokenizer, cfg.data.max_prompt_length)
         self.model = self._load_model()
         if self.is_main:
+            m = cfg.model
+            log.info("%d process(es), %d %s device(s), mesh %s; %s compute, %s parameters, attention %s, remat %s; "
+                     "rollout engine %s", jax.process_count(), jax.device_count(), jax.default_backend(),
+                     dict(self.mesh.shape), m.dtype, m.param_dtype,
+                     resolve_attention_impl(m.attention_impl, to_jax_dtype(m.dtype)), m.remat, cfg.rollout.engine)
             save_resolved(cfg, self.run_dir)
             write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
         barrier("model_files")  # the other processes' engines start from them
@@ -385,7 +391,8 @@ def share_accelerator_with_vllm(rollout_cfg) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a no-op if an import did it
+    logging.getLogger("kimina_jax").setLevel(logging.INFO)
     try:
         launch, argv = parse_distributed_flags(sys.argv[1:] if argv is None else argv)
         cfg = parse_cli(argv, description=__doc__)
