@@ -16,7 +16,7 @@ mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 py=${PYTHON:-python3}
 peak=${PEAK_TFLOPS:-989}
-step=(benchmarks/train_step.py --dtype bfloat16 --param-dtype float32 --remat --peak-tflops "$peak" --steps 5)
+step=(benchmarks/train_step.py --dtype bfloat16 --param-dtype float32 --peak-tflops "$peak" --steps 5)
 
 bench() {
   echo "## $*"
@@ -29,6 +29,8 @@ bench() {
   case "$part" in
     train)
       bench "${step[@]}" --shape qwen3-1.7b --tokens-per-micro-batch 16384 --micro-batches 4 --attention cudnn
+      bench "${step[@]}" --shape qwen3-1.7b --tokens-per-micro-batch 16384 --micro-batches 4 --attention cudnn \
+        --remat save_dots
       bench "${step[@]}" --shape qwen3-1.7b --tokens-per-micro-batch 16384 --micro-batches 4 --attention triton ;;
     variants)
       bench "${step[@]}" --shape qwen3-1.7b --tokens-per-micro-batch 4096 --micro-batches 4 --attention xla

@@ -13,7 +13,7 @@ packed sequence. MFU = FLOPs / (step time * devices * --peak-tflops).
 
     python benchmarks/train_step.py --shape tiny --steps 5                            # CPU smoke run
     python benchmarks/train_step.py --shape qwen3-1.7b --tokens-per-micro-batch 16384 \\
-        --micro-batches 4 --dtype bfloat16 --remat --peak-tflops 989                  # one H100
+        --micro-batches 4 --dtype bfloat16 --remat full --peak-tflops 989             # one H100
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from kimina_jax.config import AlgorithmConfig, OptimConfig
 from kimina_jax.grpo import PackItem, TrainStep, pack_samples
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.models.attention import ATTENTION_IMPLS, resolve_attention_impl
+from kimina_jax.models.qwen3 import REMAT_POLICIES
 from kimina_jax.parallel import make_mesh
 
 # SPEC 2's table (the two models the recipe trains) and a CPU-sized one.
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="gradient-accumulation steps per update")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
     parser.add_argument("--param-dtype", choices=["bfloat16", "float32"], default="float32")
-    parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default="full",
+                        help="save_dots: keep the weight matmuls' outputs (more memory, less recomputation)")
     parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                         help="auto: cudnn on GPU, splash on TPU, xla elsewhere")
     parser.add_argument("--logits-chunk-tokens", type=int, default=1024)

@@ -67,7 +67,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # activations / compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["auto", "xla", "cudnn", "triton", "splash"] = "auto"  # auto: cuDNN on GPU, splash on TPU
-    remat: bool = True  # recompute decoder-layer activations in the backward pass
+    remat: Literal["none", "full", "save_dots"] = "full"  # backward recomputation (models/qwen3.py RematPolicy)
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
 
 

@@ -95,16 +95,24 @@ def test_bf16_compute_stays_close(tiny_hf_folder):
     assert np.abs(np.asarray(bf16) - np.asarray(fp32)).max() < 0.1
 
 
-def test_remat_gives_same_gradients(tiny_hf_folder):
+def test_remat_policies_give_the_same_gradients_and_keep_what_they_say(tiny_hf_folder):
     ids = jnp.asarray(RNG.integers(0, 128, size=(1, 8)))
-
-    def grads(remat):
-        model = load_hf_checkpoint(tiny_hf_folder, remat=remat)
-        return nnx.grad(lambda m: m(ids)[0].mean())(model)
-
-    plain, rematted = jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))
-    for g1, g2 in zip(plain, rematted):
-        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-6)
+    config = Qwen3Config.from_pretrained(tiny_hf_folder)
+    losses = {}
+    for policy in ("none", "full", "save_dots"):
+        graphdef, state = nnx.split(load_hf_checkpoint(tiny_hf_folder, remat=policy))
+        losses[policy] = lambda s, graphdef=graphdef: nnx.merge(graphdef, s)(ids)[0].mean()
+    grads = {policy: jax.tree.leaves(jax.grad(loss)(state)) for policy, loss in losses.items()}
+    for policy in ("full", "save_dots"):
+        for g1, g2 in zip(grads["none"], grads[policy]):
+            np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-6)
+    # What the backward pass keeps from the forward: the leaves of the VJP closure (parameters included).
+    kept = {policy: sum(x.size for x in jax.tree.leaves(jax.vjp(loss, state)[1])) for policy, loss in losses.items()}
+    assert kept["full"] < kept["save_dots"] < kept["none"]
+    # save_dots keeps, per layer, the weight-matmul outputs that the backward pass reads: q, k, v, gate, up.
+    per_token = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    per_token += 2 * config.intermediate_size
+    assert kept["save_dots"] - kept["full"] >= ids.size * per_token * config.num_hidden_layers
 
 
 def test_export_round_trip_loads_in_transformers(hf_folder, tmp_path):

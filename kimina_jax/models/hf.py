@@ -15,7 +15,7 @@ from flax import nnx
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models.config import Qwen3Config
-from kimina_jax.models.qwen3 import AttentionImpl, Qwen3ForCausalLM
+from kimina_jax.models.qwen3 import AttentionImpl, Qwen3ForCausalLM, RematPolicy
 from kimina_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def to_jax_dtype(dtype) -> jnp.dtype:
 
 def abstract_model(
     config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: AttentionImpl = "auto",
-    remat: bool = False,
+    remat: RematPolicy = "none",
 ) -> Qwen3ForCausalLM:
     """The model with shape-only parameters (nothing allocated)."""
     return nnx.eval_shape(
@@ -127,7 +127,7 @@ def load_hf_checkpoint(
     *,
     param_dtype=None,
     attention_impl: AttentionImpl = "auto",
-    remat: bool = False,
+    remat: RematPolicy = "none",
 ) -> Qwen3ForCausalLM:
     """Loads an HF Qwen3 folder, tensor by tensor, placing each parameter with its sharding on `mesh`.
 

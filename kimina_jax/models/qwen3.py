@@ -6,6 +6,8 @@ generated tokens share one masking rule: a query sees the earlier-or-equal slots
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -15,6 +17,11 @@ from kimina_jax.models.attention import (
 )
 from kimina_jax.models.config import Qwen3Config
 from kimina_jax.models.mesh_hints import constrain_columns_whole, constrain_rows
+
+# Activation recomputation in the backward pass, per decoder layer: none; everything (only each layer's input is
+# kept); or all but the outputs of the weight matmuls (q/k/v/o and MLP projections: more memory, less compute).
+RematPolicy = Literal["none", "full", "save_dots"]
+REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_dots")
 
 
 @struct.dataclass
@@ -149,7 +156,7 @@ class DecoderLayer(nnx.Module):
 class Qwen3Model(nnx.Module):
     """Embedding, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, remat, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, remat: RematPolicy, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=nnx.initializers.normal(0.02),
@@ -159,6 +166,8 @@ class Qwen3Model(nnx.Module):
             for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         self.remat = remat
 
     def _embed(self, input_ids):
@@ -177,7 +186,10 @@ class Qwen3Model(nnx.Module):
             )
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x = _rematted(layer, x, positions, segment_ids) if self.remat else layer(x, positions, segment_ids)[0]
+                if self.remat == "none":
+                    x = layer(x, positions, segment_ids)[0]
+                else:
+                    x = _rematted(layer, x, positions, segment_ids, self.remat)
                 x = constrain_rows(x)
                 continue
             x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
@@ -196,12 +208,14 @@ class Qwen3Model(nnx.Module):
         return self.norm(x), new_cache
 
 
-def _rematted(layer: DecoderLayer, x, positions, segment_ids):
-    """The layer's output, its activations recomputed in the backward pass. A pure function of the layer's
-    state (`jax.checkpoint`, not `nnx.remat`): it may run inside loops and jits that merged the model."""
+def _rematted(layer: DecoderLayer, x, positions, segment_ids, policy: RematPolicy):
+    """The layer's output, its activations recomputed in the backward pass (all of them, or all but the weight
+    matmuls' outputs). A pure function of the layer's state (`jax.checkpoint`, not `nnx.remat`): it may run
+    inside loops and jits that merged the model."""
     graphdef, state = nnx.split(layer)
     forward = lambda state, *args: nnx.merge(graphdef, state)(*args)[0]  # noqa: E731
-    return jax.checkpoint(forward)(state, x, positions, segment_ids)
+    saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "save_dots" else None
+    return jax.checkpoint(forward, policy=saved)(state, x, positions, segment_ids)
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -214,7 +228,7 @@ class Qwen3ForCausalLM(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attention_impl: AttentionImpl = "auto",
-        remat: bool = False,
+        remat: RematPolicy = "none",
         rngs: nnx.Rngs,
     ):
         self.config = config

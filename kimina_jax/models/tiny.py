@@ -19,7 +19,7 @@ def tiny_config(tiny_cfg, vocab_size: int, eos_token_id: int | None = None) -> Q
 
 def build_tiny_model(
     tiny_cfg, vocab_size: int, *, eos_token_id: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-    attention_impl: str = "auto", remat: bool = False, seed: int = 0,
+    attention_impl: str = "auto", remat: str = "none", seed: int = 0,
 ) -> Qwen3ForCausalLM:
     """A randomly initialised Qwen3 of the recipe's tiny sizes (deterministic for a seed)."""
     return Qwen3ForCausalLM(
