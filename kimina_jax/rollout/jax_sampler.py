@@ -7,9 +7,12 @@ bucket, max_tokens, greedy or not, filtered or not, number of stop ids); tempera
 are traced, so changing them does not recompile.
 
 Decoding runs in phases of doubling length (`first_decode_window` new tokens, then twice as many, ... up to
-max_tokens), each a while loop whose attention reads only the cache slots that phase can have filled: a step
-costs about the context so far, not the cache's whole capacity (with 24k-token responses the difference is
-most of the decode time). The prefill attends among the prompt tokens alone (flash kernels where they apply).
+max_tokens), each a jitted while loop whose attention reads only the cache slots that phase can have filled: a
+step costs about the context so far, not the cache's whole capacity (with 24k-token responses the difference is
+most of the decode time). Between phases the rows still running are gathered into the smallest power-of-two
+batch that holds them, so finished samples stop costing decode steps. The prefill attends among the prompt
+tokens alone (flash kernels where they apply). Compilations: one prefill per (rows, prompt length) bucket, one
+phase per (rows bucket, phase), one gather per pair of row buckets.
 
 Every row draws from its own key, fold_in(call key, prompt index, sample index, step), so a seeded call gives
 the same samples however the rows are batched.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +68,7 @@ class JaxSampler(RolloutEngine):
         self.config = model.config
         self._graphdef, self._state = nnx.split(model)
         self.first_decode_window = first_decode_window
-        self._sample_batch = _compile(self._graphdef)
+        self._jitted = _Jitted(self._graphdef)
         self.tokenizer = tokenizer
         self.eos_token_ids = (
             tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None
@@ -81,7 +84,7 @@ class JaxSampler(RolloutEngine):
         if jax.tree.structure(state) != jax.tree.structure(self._state):
             raise KiminaError("update_weights: the new parameters do not have the structure of the sampler's model")
         if graphdef != self._graphdef:  # another dtype or attention implementation: compile anew
-            self._graphdef, self._sample_batch = graphdef, _compile(graphdef)
+            self._graphdef, self._jitted = graphdef, _Jitted(graphdef)
         self._state = state
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -114,16 +117,57 @@ class JaxSampler(RolloutEngine):
             live[r] = True
             keys[r] = (i, j)
         row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(keys)
-        out_tokens, out_logprobs, n_out, stopped = self._sample_batch(
-            self._state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live), row_keys,
-            stop_ids, jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k),
-            max_tokens=params.max_tokens, greedy=params.greedy, filters=params.filters,
-            first_window=self.first_decode_window,
-        )
-        out_tokens, out_logprobs = np.asarray(out_tokens), np.asarray(out_logprobs)
-        n_out, stopped = np.asarray(n_out), np.asarray(stopped)
+        run = self._jitted
+        decode = run.prefill(self._state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live), row_keys,
+                             max_tokens=params.max_tokens)
+        sampling = (stop_ids, jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k))
+        origin = np.arange(n_rows)  # the row of `rows` each batch row holds (-1: a filler)
+        finished: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        for limit in _phase_limits(params.max_tokens, self.first_decode_window):
+            decode = run.phase(self._state, decode, *sampling, limit=limit, window=prompt_len + limit,
+                               greedy=params.greedy, filters=params.filters)
+            if limit == params.max_tokens:
+                break
+            done = np.asarray(decode.done)
+            running = np.flatnonzero(~done)
+            size = _bucket(len(running), 1) if len(running) else 0
+            if size < len(done):  # gather the running rows into a smaller batch; keep what the others made
+                _keep_finished(decode, origin, done, finished)
+                if not size:
+                    break
+                index = np.concatenate([running, np.full(size - len(running), running[0])])
+                filler = np.arange(size) >= len(running)
+                decode = run.take_rows(decode, jnp.asarray(index), jnp.asarray(filler))
+                origin = np.where(filler, -1, origin[index])
+        _keep_finished(decode, origin, np.ones(len(origin), bool), finished)
+        stops = set(np.asarray(stop_ids).tolist())
         for r, row in enumerate(rows):
-            yield row, out_tokens[r, : n_out[r]], out_logprobs[r, : n_out[r]], bool(stopped[r])
+            ids, logprobs, count = finished[r]
+            yield row, ids[:count], logprobs[:count], bool(count) and int(ids[count - 1]) in stops
+
+
+class _Decode(NamedTuple):
+    """A batch being decoded (arrays on the device; B rows)."""
+
+    step: jax.Array  # int32: tokens generated so far by every running row
+    cache: KVCache
+    logits: jax.Array  # [B, vocab] float32: the next token's logits
+    tokens: jax.Array  # [B, max_tokens] int32
+    logprobs: jax.Array  # [B, max_tokens] float32
+    count: jax.Array  # [B] int32: tokens generated per row
+    done: jax.Array  # [B] bool: stopped, out of tokens, or a filler
+    row_keys: jax.Array  # [B] keys: a row's draws depend on its (prompt, sample) and the step only
+    lengths: jax.Array  # [B] int32 prompt lengths
+
+
+def _keep_finished(decode: _Decode, origin: np.ndarray, rows: np.ndarray, finished: dict) -> None:
+    """Copy to the host what the chosen batch rows (not fillers, not yet kept) generated."""
+    chosen = [r for r in np.flatnonzero(rows) if origin[r] >= 0 and origin[r] not in finished]
+    if not chosen:
+        return
+    tokens, logprobs, count = (np.asarray(a) for a in (decode.tokens, decode.logprobs, decode.count))
+    for r in chosen:
+        finished[int(origin[r])] = (tokens[r], logprobs[r], int(count[r]))
 
 
 def _bucket(size: int, minimum: int) -> int:
@@ -131,22 +175,20 @@ def _bucket(size: int, minimum: int) -> int:
     return max(minimum, 1 << (size - 1).bit_length())
 
 
-def _compile(graphdef: nnx.GraphDef):
-    # The graph definition is closed over, not a static argument: the model config it holds is not hashable.
-    return jax.jit(functools.partial(_sample_batch, graphdef),
-                   static_argnames=("max_tokens", "greedy", "filters", "first_window"))
+class _Jitted:
+    """The jitted pieces of sampling for one model graph (closed over, not a static argument: the model config
+    it holds is not hashable)."""
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_tokens",))
+        self.phase = jax.jit(functools.partial(_decode_phase, graphdef),
+                             static_argnames=("limit", "window", "greedy", "filters"))
+        self.take_rows = jax.jit(_take_rows)
 
 
-def _sample_batch(
-    graphdef, state, tokens, lengths, live, row_keys, stop_ids, temperature, top_p, top_k, *,
-    max_tokens: int, greedy: bool, filters: bool, first_window: int,
-):
-    """Prefill right-padded prompts [B, P], then decode up to `max_tokens` tokens per row (in phases, see the
-    module docstring).
-
-    Returns tokens [B, max_tokens], their log-probs, the count generated per row, and whether the row stopped
-    on a stop id. Decode tokens share the prompt's segment id, so the cache mask hides only the padding slots.
-    """
+def _prefill(graphdef, state, tokens, lengths, live, row_keys, *, max_tokens: int) -> _Decode:
+    """Prefill right-padded prompts [B, P] into a cache with room for `max_tokens` more tokens per row. Decode
+    tokens share the prompt's segment id, so the cache mask hides only the padding slots."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     cache = KVCache.init(model.config, batch, prompt_len + max_tokens, model.dtype).replace(window=prompt_len)
@@ -154,36 +196,50 @@ def _sample_batch(
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = model.logits(last)
-
-    def decode_step(carry):
-        step, cache, logits, out_tokens, out_logprobs, n_out, done = carry
-        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
-        token, logprob = _pick_tokens(logits, step_keys, temperature, top_p, top_k, greedy, filters)
-        out_tokens = out_tokens.at[:, step].set(jnp.where(done, 0, token))
-        out_logprobs = out_logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
-        n_out = n_out + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, stop_ids)
-        hidden, cache = model.hidden_states(
-            token[:, None], (lengths + step)[:, None], jnp.ones((batch, 1), jnp.int32), cache
-        )
-        return step + 1, cache, model.logits(hidden[:, 0]), out_tokens, out_logprobs, n_out, done
-
-    carry = (
-        jnp.int32(0), cache, logits,
-        jnp.zeros((batch, max_tokens), jnp.int32), jnp.zeros((batch, max_tokens), jnp.float32),
-        jnp.zeros((batch,), jnp.int32), ~live,
+    return _Decode(
+        step=jnp.int32(0), cache=cache, logits=model.logits(last),
+        tokens=jnp.zeros((batch, max_tokens), jnp.int32), logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
+        count=jnp.zeros((batch,), jnp.int32), done=~live, row_keys=row_keys, lengths=lengths,
     )
-    for limit in _phase_limits(max_tokens, first_window):
-        step, cache, *rest = carry
-        carry = (step, cache.replace(window=prompt_len + limit), *rest)
-        carry = jax.lax.while_loop(
-            lambda c, limit=limit: (c[0] < limit) & ~jnp.all(c[-1]), decode_step, carry
+
+
+def _decode_phase(
+    graphdef, state, decode: _Decode, stop_ids, temperature, top_p, top_k, *,
+    limit: int, window: int, greedy: bool, filters: bool,
+) -> _Decode:
+    """Decode until every row is done or `limit` tokens are generated, attention reading `window` cache slots."""
+    model = nnx.merge(graphdef, state)
+    batch = decode.done.shape[0]
+
+    def step_once(d: _Decode) -> _Decode:
+        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, d.step))(d.row_keys)
+        token, logprob = _pick_tokens(d.logits, step_keys, temperature, top_p, top_k, greedy, filters)
+        hidden, cache = model.hidden_states(
+            token[:, None], (d.lengths + d.step)[:, None], jnp.ones((batch, 1), jnp.int32), d.cache
         )
-    _, _, _, out_tokens, out_logprobs, n_out, done = carry
-    last_token = jnp.take_along_axis(out_tokens, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
-    stopped = (n_out > 0) & jnp.isin(last_token, stop_ids)
-    return out_tokens, out_logprobs, n_out, stopped
+        return d._replace(
+            step=d.step + 1, cache=cache, logits=model.logits(hidden[:, 0]),
+            tokens=d.tokens.at[:, d.step].set(jnp.where(d.done, 0, token)),
+            logprobs=d.logprobs.at[:, d.step].set(jnp.where(d.done, 0.0, logprob)),
+            count=d.count + (~d.done).astype(jnp.int32),
+            done=d.done | jnp.isin(token, stop_ids),
+        )
+
+    decode = decode._replace(cache=decode.cache.replace(window=window))
+    return jax.lax.while_loop(lambda d: (d.step < limit) & ~jnp.all(d.done), step_once, decode)
+
+
+def _take_rows(decode: _Decode, index: jax.Array, filler: jax.Array) -> _Decode:
+    """The batch rows `index` (fillers marked done), the cache's rows with them."""
+    take = functools.partial(jnp.take, indices=index, axis=0)
+    cache = decode.cache
+    cache = cache.replace(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)),
+                          segment_ids=take(cache.segment_ids))
+    return decode._replace(
+        cache=cache, logits=take(decode.logits), tokens=take(decode.tokens), logprobs=take(decode.logprobs),
+        count=take(decode.count), done=take(decode.done) | filler, row_keys=take(decode.row_keys),
+        lengths=take(decode.lengths),
+    )
 
 
 def _phase_limits(max_tokens: int, first: int) -> list[int]:
