@@ -16,7 +16,8 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
 
 Rows have one of a few configured lengths (buckets), so the train step compiles a bounded number of times:
 a batch's row length is the smallest bucket that holds its longest item, items go into rows by
-first-fit-decreasing (at most `MAX_SEGMENTS_PER_ROW` sequences per row), and the row count is padded to a multiple of `rows_multiple` (a micro-batch's rows).
+first-fit-decreasing (at most `MAX_SEGMENTS_PER_ROW` sequences per row), and the row count is padded to a
+multiple of `rows_multiple` (a micro-batch's rows).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
-from kimina_jax.models.mesh_hints import row_mesh_axes
+from kimina_jax.models.mesh_hints import active_mesh, row_mesh_axes
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
@@ -149,8 +149,8 @@ def _splash_attention(q, k, v, segment_ids, scale):
 
 def _per_shard(kernel: Callable, q, k, v, segment_ids):
     """Run a kernel (a custom call XLA cannot split) on each device's rows and heads of the current mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = active_mesh()
+    if mesh is None:
         return kernel(q, k, v, segment_ids)
     rows = row_mesh_axes(mesh, q.shape[0])
     tensor = mesh.shape.get("tensor", 1)

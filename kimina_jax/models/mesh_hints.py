@@ -11,6 +11,12 @@ import jax
 from jax.sharding import PartitionSpec
 
 
+def active_mesh():
+    """The mesh set around the current computation, or None when there is none or it has one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
 def row_mesh_axes(mesh, rows: int) -> tuple[str, ...] | None:
     """The mesh axes that split the rows of a batch (`data` x `fsdp`), or None where they do not divide them."""
     axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.shape)
@@ -21,16 +27,16 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     """Pin an activation [rows, ...] to rows split over `data` x `fsdp` and the rest whole. Without it XLA may
     split activations' hidden dimension like the weights' (FSDP) and later cannot undo that without
     replicating them ("involuntary full rematerialization"); with it, weights are gathered instead."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = active_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(row_mesh_axes(mesh, x.shape[0])))
 
 
 def constrain_columns_whole(table: jax.Array) -> jax.Array:
     """Pin a [rows, columns] weight to rows split over `tensor` and columns whole, under the current mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = active_mesh()
+    if mesh is None:
         return table
     rows = "tensor" if table.shape[0] % mesh.shape.get("tensor", 1) == 0 else None
     return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, None))

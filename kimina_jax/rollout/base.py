@@ -21,6 +21,10 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.types import Completion
 
+# `update_config` overrides that switch a vLLM worker started with dummy weights (whose loader cannot reload) to
+# reading safetensors, before the first reload from an HF folder.
+SAFETENSORS_LOADER = {"load_config": {"load_format": "safetensors"}}
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:

@@ -1,10 +1,10 @@
 """The built-in rollout engine: batched sampling on the Flax Qwen3 with a KV cache.
 
 Rows (prompt i, sample j) are cut into batches of at most `max_batch_rows`; each batch is right-padded to a
-power-of-two row count and prompt length, then one jitted function runs the prefill and the whole decode loop
-(`lax.while_loop`, left early once every row has stopped). It compiles once per (rows bucket, prompt-length
-bucket, max_tokens, greedy or not, filtered or not, number of stop ids); temperature, top-p and top-k values
-are traced, so changing them does not recompile.
+power-of-two row count and prompt length, prefilled by one jitted call, then decoded by jitted `lax.while_loop`s
+that stop early once every row has stopped. Shapes and max_tokens, greedy or not, filtered or not and the number
+of stop ids pick the compilation; temperature, top-p and top-k values are traced, so changing them does not
+recompile.
 
 Decoding runs in phases of doubling length (`first_decode_window` new tokens, then twice as many, ... up to
 max_tokens), each a jitted while loop whose attention reads only the cache slots that phase can have filled: a

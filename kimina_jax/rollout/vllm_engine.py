@@ -42,6 +42,7 @@ from flax import nnx
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
 from kimina_jax.rollout.base import (
+    SAFETENSORS_LOADER,
     RolloutEngine,
     SamplingParams,
     as_model,
@@ -226,7 +227,7 @@ def _choose_weight_push(llm):
     executor = getattr(llm.llm_engine, "model_executor", None)
     if getattr(executor, "driver_worker", None) is None:
         if llm.llm_engine.vllm_config.load_config.load_format == "dummy":  # that loader cannot reload
-            llm.collective_rpc("update_config", kwargs={"overrides": {"load_config": {"load_format": "safetensors"}}})
+            llm.collective_rpc("update_config", kwargs={"overrides": SAFETENSORS_LOADER})
         return _reload_from_folder
     if current_platform.is_tpu():
         from kimina_jax.rollout.tpu_inference import push_weights
@@ -255,7 +256,9 @@ def _reload_weights(llm, model) -> None:
 
 
 def _reload_from_folder(llm, model) -> None:
-    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    from kimina_jax.rollout.weights import jax_dtype_name
+
+    dtype = jax_dtype_name(llm.llm_engine.model_config.dtype)
     with tempfile.TemporaryDirectory(prefix="kimina-jax-weights-") as folder:
         save_hf_checkpoint(model, folder, dtype=dtype, tied_lm_head=True)
         llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})

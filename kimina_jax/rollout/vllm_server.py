@@ -43,6 +43,7 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
 from kimina_jax.parallel import broadcast_object
 from kimina_jax.rollout.base import (
+    SAFETENSORS_LOADER,
     RolloutEngine,
     SamplingParams,
     as_model,
@@ -160,8 +161,7 @@ class VllmServerEngine(RolloutEngine):
         if dtype not in _DTYPES:
             raise KiminaError(f"{server.url}: serves dtype {dtype}; supported: {sorted(_DTYPES)}")
         if load_format == "dummy":
-            overrides = {"load_config": {"load_format": "safetensors"}}
-            switch = {"method": "update_config", "kwargs": {"overrides": overrides}}
+            switch = {"method": "update_config", "kwargs": {"overrides": SAFETENSORS_LOADER}}
             try:
                 await session.call(server, "POST", "/collective_rpc", json=switch, hint=LAUNCH_HINT)
             except _ServerGone:

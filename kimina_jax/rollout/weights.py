@@ -28,7 +28,8 @@ from kimina_jax.models import Qwen3ForCausalLM, iter_hf_tensors
 _JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _jax_dtype_name(dtype: torch.dtype) -> str:
+def jax_dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype that a weight push supports (float32, bfloat16, float16), else KiminaError."""
     if dtype not in _JAX_DTYPES:
         raise KiminaError(f"weight push: unsupported engine dtype {dtype}")
     return _JAX_DTYPES[dtype]
@@ -40,7 +41,7 @@ def hf_torch_tensors(
     """(HF name, tensor in HF layout on `device`), one at a time, cast to `dtype` before leaving the JAX devices;
     `lm_head.weight` included for tied models (see above)."""
     device = torch.device(device)
-    jax_dtype = None if dtype is None else _jax_dtype_name(dtype)
+    jax_dtype = None if dtype is None else jax_dtype_name(dtype)
     for name, array in iter_hf_tensors(model, jax_dtype, tied_lm_head=True):
         yield name, to_torch(array, device)
 
