@@ -8,10 +8,11 @@
 #   bash benchmarks/gpu_suite.sh save-dots 0.6b        # remat keeping matmul outputs; the 0.6B shape
 #   bash benchmarks/gpu_suite.sh xla-4k rows-8k        # XLA attention (4k tokens: 16k would not fit); 8k rows
 #   bash benchmarks/gpu_suite.sh rollout               # issue 4: JAX sampler tokens/s, trainer-side weight push
+#   bash benchmarks/gpu_suite.sh rollout-varied        # JAX sampler, RL-like lengths, continuous batching
 #
 # PEAK_TFLOPS (default 989: H100 SXM / H200 bf16 dense) is the MFU denominator; PYTHON picks the interpreter.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
@@ -39,7 +40,9 @@ bench() {
       rows-8k) bench "${step[@]}" "${big[@]}" --row-length 8192 --attention cudnn --remat full ;;
       rollout) bench benchmarks/rollout.py --shape qwen3-0.6b qwen3-1.7b --dtype bfloat16 --engines jax stream \
                  --prompts 64 --n 8 --max-tokens 1024 ;;
-      *) echo "unknown row $row: cudnn triton save-dots 0.6b xla-4k rows-8k rollout" ;;
+      rollout-varied) bench benchmarks/rollout.py --shape qwen3-1.7b --dtype bfloat16 --engines jax --syncs 1 \
+                 --prompts 64 --n 8 --max-tokens 4096 --mean-tokens 1024 --max-batch-rows 128 ;;
+      *) echo "unknown row $row: cudnn triton save-dots 0.6b xla-4k rows-8k rollout rollout-varied" ;;
     esac
   done
 } 2>&1 | tee -a "$out/gpu_suite.log"

@@ -9,6 +9,9 @@ after every step (timed: median of --syncs pushes after a warm-up one). Generati
 up, then is timed; tokens/s counts the tokens actually generated (EOS is disabled). vLLM is skipped when not
 installed. Targets (issue 4), one H100, Qwen3-1.7B shape: weight sync under 1 s; the JAX sampler within 3x of
 vLLM's tokens/s. `--engines stream` times the trainer's half of a vLLM push alone (where vLLM cannot be installed).
+`--mean-tokens L` makes response lengths vary as in RL (each token stops a row with probability about 1/L, the
+random model being near uniform), which is where batching matters: vLLM batches continuously, and so does the
+JAX sampler within `--max-batch-rows` rows.
 """
 from __future__ import annotations
 
@@ -76,8 +79,8 @@ def timed_generate(engine, prompts, params: SamplingParams) -> tuple[int, float]
     return sum(len(c.token_ids) for row in out for c in row), seconds
 
 
-def bench_jax(shape, model, prompts, params, syncs: int) -> Row:
-    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=len(prompts) * params.n)
+def bench_jax(shape, model, prompts, params, syncs: int, max_batch_rows: int | None) -> Row:
+    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=max_batch_rows or len(prompts) * params.n)
     tokens, seconds = timed_generate(sampler, prompts, params)
     times = []
     for _ in range(syncs):
@@ -155,26 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mean-tokens", type=int, default=0,
+                        help="stop ids that end a row after about this many tokens (0: every row runs to --max-tokens)")
+    parser.add_argument("--max-batch-rows", type=int, default=None, help="JAX sampler (default: every row at once)")
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = parser.parse_args(argv)
     engines = [e for e in args.engines if e != "vllm" or importlib.util.find_spec("vllm") is not None]
     if engines != args.engines:
         print("vLLM is not installed: its rows are skipped", file=sys.stderr)
-    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
     rows = []
     for shape in args.shape:
         model = make_model(shape, args.dtype)
+        stops = tuple(range(model.config.vocab_size // args.mean_tokens)) if args.mean_tokens else ()
+        params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0, stop_token_ids=stops)
         rng = np.random.default_rng(0)
         prompts = rng.integers(0, model.config.vocab_size, (args.prompts, args.prompt_len)).tolist()
         if "jax" in engines:
-            rows.append(bench_jax(shape, model, prompts, params, args.syncs))
+            rows.append(bench_jax(shape, model, prompts, params, args.syncs, args.max_batch_rows))
         if "vllm" in engines:
             rows.append(bench_vllm(shape, model, prompts, params, args.syncs, args.dtype, args.gpu_memory_utilization))
         if "stream" in engines:
             rows.append(bench_stream(shape, model, args.syncs, args.dtype))
     print(f"device: {jax.devices()[0].device_kind}, dtype {args.dtype}, {args.prompts} prompts x n={args.n}, "
-          f"prompt {args.prompt_len} tokens, up to {args.max_tokens} new tokens")
+          f"prompt {args.prompt_len} tokens, up to {args.max_tokens} new tokens"
+          + (f" (about {args.mean_tokens} on average)" if args.mean_tokens else ""))
     print_table(rows)
     return 0
 

@@ -130,6 +130,15 @@ class VllmConfig:
 
 
 @dataclasses.dataclass
+class JaxSamplerConfig:
+    """Engine `jax`: the built-in sampler (continuously batched; every row's KV cache holds prompt + max_tokens)."""
+
+    max_batch_rows: int = 128  # rows decoded together (the largest power of two within this)
+    kv_cache_bytes: int | None = 16 * 2**30  # ... fewer when their KV cache would exceed this; None: no bound
+    first_decode_window: int = 512  # attention reads this many cache slots at first, doubling as rows grow
+
+
+@dataclasses.dataclass
 class ServerPoolConfig:
     """Engine `vllm-server`: remote OpenAI-compatible vLLM servers."""
 
@@ -153,6 +162,7 @@ class RolloutConfig:
     overlap_chunks: int = 4
     val: ValSamplingConfig = dataclasses.field(default_factory=ValSamplingConfig)
     vllm: VllmConfig = dataclasses.field(default_factory=VllmConfig)
+    jax: JaxSamplerConfig = dataclasses.field(default_factory=JaxSamplerConfig)
     servers: ServerPoolConfig = dataclasses.field(default_factory=ServerPoolConfig)
 
 
@@ -518,6 +528,9 @@ def _check(cfg: TrainConfig, source: str) -> None:
         "rollout.n": cfg.rollout.n,
         "rollout.val.n": cfg.rollout.val.n,
         "rollout.overlap_chunks": cfg.rollout.overlap_chunks,
+        "rollout.jax.max_batch_rows": cfg.rollout.jax.max_batch_rows,
+        "rollout.jax.kv_cache_bytes": 1 if cfg.rollout.jax.kv_cache_bytes is None else cfg.rollout.jax.kv_cache_bytes,
+        "rollout.jax.first_decode_window": cfg.rollout.jax.first_decode_window,
         "algorithm.ppo_mini_batch_size": cfg.algorithm.ppo_mini_batch_size,
         "algorithm.ppo_epochs": cfg.algorithm.ppo_epochs,
         "algorithm.micro_batch_rows": cfg.algorithm.micro_batch_rows,

@@ -45,6 +45,7 @@ from kimina_jax.config import (
     DataConfig,
     DatasetConfig,
     FormatConfig,
+    JaxSamplerConfig,
     RolloutConfig,
     ValSamplingConfig,
     VerifierConfig,
@@ -397,6 +398,7 @@ class Evaluation:
             model, _ = load_model_for_export(source.path)
         rollout = RolloutConfig(
             engine=args.engine, max_tokens=args.max_tokens,
+            jax=JaxSamplerConfig(kv_cache_bytes=args.kv_cache_bytes or JaxSamplerConfig.kv_cache_bytes),
             vllm=VllmConfig(
                 tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 max_model_len=args.max_prompt_length + args.max_tokens, kv_cache_bytes=args.kv_cache_bytes,
@@ -673,7 +675,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     engine.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                         help="compute dtype of an HF folder's model and of vLLM (a checkpoint keeps its own)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM (default: 0.9)")
-    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="vLLM's KV cache size (needed on CPU)")
+    engine.add_argument("--kv-cache-bytes", type=int, default=None,
+                        help="the engine's KV cache size (vLLM on CPU needs it; JAX sampler default: 16 GiB)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM, HF folders only")
     engine.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs")
     verifier = parser.add_argument_group(f"verifier (server address from ${ENV_URL}, its key from ${ENV_KEY})")

@@ -132,6 +132,7 @@ def test_bad_type_names_key_and_expected_type(override, expected):
         (["algorithm.ppo_mini_batch_size=3"], r"ppo_mini_batch_size \(3\) must divide data.train_batch_size \(4\)"),
         (["data.error_fix.rate=1.5"], r"'data.error_fix.rate' must be in \[0, 1\]"),
         (["rollout.n=0"], r"'rollout.n' must be > 0"),
+        (["rollout.jax.kv_cache_bytes=0"], r"'rollout.jax.kv_cache_bytes' must be > 0"),
         (["rollout.vllm.max_model_len=100"], r"max_model_len \(100\) is below max prompt \+ response length \(576\)"),
         (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one mesh axis may be -1"),
         (["rollout.engine=vllm-server"], r"rollout.servers.urls is empty"),

@@ -55,31 +55,93 @@ def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ JaxSampler
-@pytest.mark.parametrize("first_window", [4, 512], ids=["phases-4-8-12", "one-phase"])
+def greedy_reference(hf_model, prompt, max_tokens: int) -> list[int]:
+    with torch.no_grad():
+        generated = hf_model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens, eos_token_id=EOS, pad_token_id=0
+        )
+    return generated[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("first_window", [4, 512], ids=["windows-32-64", "one-window"])
 def test_greedy_matches_transformers_generate(hf_folder, first_window):
     folder, hf_model = hf_folder
     sampler = JaxSampler(load_hf_checkpoint(folder), first_decode_window=first_window)
-    out = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    out = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40))
     for prompt, (completion,) in zip(PROMPTS, out):
-        with torch.no_grad():
-            generated = hf_model.generate(
-                torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0
-            )
-        expected = generated[0, len(prompt):].tolist()
+        expected = greedy_reference(hf_model, prompt, 40)
         assert list(completion.token_ids) == expected
         assert completion.finish_reason == ("stop" if expected[-1] == EOS else "length")
 
 
 def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
-    sampler = JaxSampler(tiny_model, first_decode_window=3)  # decode phases of 3, 6 and 10 tokens
-    filtered = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=50, max_tokens=10, seed=1)
+    sampler = JaxSampler(tiny_model, first_decode_window=3)  # attention windows of 32 and 64 cache slots
+    filtered = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=50, max_tokens=24, seed=1)
     sampled = sampler.generate(PROMPTS, filtered)  # the log-probs stay those of the full distribution
-    greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10))
+    greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
     for completions, temperature in ((sampled, 0.7), (greedy, 0.0)):
         for completion in (c for row in completions for c in row):
             prompt = PROMPTS[completion.prompt_index]
             expected = trainer_logprobs(tiny_model, prompt, completion.token_ids, temperature)
             np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+
+
+def count_calls(sampler: JaxSampler, name: str) -> list[int]:
+    """Counts the calls of one of the sampler's jitted pieces (the count is in the returned list)."""
+    calls, jitted = [0], getattr(sampler._jitted, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return jitted(*args, **kwargs)
+
+    setattr(sampler._jitted, name, counted)
+    return calls
+
+
+def test_rows_admitted_into_a_running_batch_decode_as_if_alone(hf_folder):
+    """More rows than batch rows: waiting rows are prefilled into rows freed mid-decode, next to rows that keep
+    going (stop ids make the lengths vary), and still give transformers' greedy tokens and the trainer's
+    log-probs: nothing of a row's previous occupant is seen."""
+    folder, hf_model = hf_folder
+    model = load_hf_checkpoint(folder)
+    prompts = PROMPTS + [[3, 4], list(range(40, 52)), [7] * 9, list(range(60, 66))]
+    stop_ids = tuple(range(60, 100))
+    sampler = JaxSampler(model, max_batch_rows=2, first_decode_window=4)
+    inserts = count_calls(sampler, "insert")
+    greedy = sampler.generate(prompts, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stop_ids))
+    assert inserts[0] >= 3
+    lengths = set()
+    for prompt, (completion,) in zip(prompts, greedy):
+        expected = greedy_reference(hf_model, prompt, 30)
+        cut = next((k + 1 for k, t in enumerate(expected) if t in stop_ids), len(expected))
+        assert list(completion.token_ids) == expected[:cut]
+        lengths.add(cut)
+    assert len(lengths) >= 3
+    params = SamplingParams(n=3, temperature=0.8, max_tokens=30, seed=4, stop_token_ids=stop_ids)
+    sampled = sampler.generate(prompts, params)
+    for completion in (c for row in sampled for c in row):
+        expected = trainer_logprobs(model, prompts[completion.prompt_index], completion.token_ids, 0.8)
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+    alone = JaxSampler(model, max_batch_rows=1).generate(prompts, params)
+    assert [[c.token_ids for c in row] for row in sampled] == [[c.token_ids for c in row] for row in alone]
+
+
+def test_kv_cache_bytes_bounds_the_batch(tiny_model):
+    cfg = tiny_model.config
+    row_bytes = 64 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # 64 fp32 slots
+    assert JaxSampler(tiny_model, max_batch_rows=100).batch_rows(300, 64) == 64
+    assert JaxSampler(tiny_model, max_batch_rows=100).batch_rows(5, 64) == 8
+    assert JaxSampler(tiny_model, kv_cache_bytes=3 * row_bytes).batch_rows(300, 64) == 2
+    assert JaxSampler(tiny_model, kv_cache_bytes=4 * row_bytes).batch_rows(300, 64) == 4
+    tight = JaxSampler(tiny_model, kv_cache_bytes=row_bytes - 1)
+    with pytest.raises(KiminaError, match=r"kv_cache_bytes=.* holds no row of 64 cache slots .* rollout.jax"):
+        tight.batch_rows(1, 64)
+    with pytest.raises(KiminaError, match=r"holds no row of 64 cache slots"):  # 5-token prompt: 16 + 48 slots
+        tight.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=48))
+    (completion,) = JaxSampler(tiny_model, kv_cache_bytes=row_bytes).generate(
+        [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=48, seed=0)
+    )[0]
+    assert len(completion.token_ids) >= 1
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

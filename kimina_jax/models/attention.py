@@ -39,9 +39,10 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(q_segments, k_segments, q_slots, k_slots) -> jax.Array:
-    """[B, T, S] bool: same non-padding segment, key slot not after the query slot (slots are [T], [S])."""
+    """[B, T, S] bool: same non-padding segment, key slot not after the query slot (slots: queries [B or 1, T],
+    keys [S])."""
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    return same & (k_slots[None, None, :] <= q_slots[None, :, None])
+    return same & (k_slots[None, None, :] <= q_slots[:, :, None])
 
 
 def xla_attention(q, k, v, mask, scale):
@@ -65,7 +66,7 @@ def segment_attention(q, k, v, segment_ids, scale, impl: AttentionImpl):
                          f"here: backend {jax.default_backend()}, {q.dtype}. Use 'auto', 'triton' or 'xla'")
     if impl == "xla" or q.shape[1] % FLASH_BLOCK:
         slots = jnp.arange(q.shape[1], dtype=jnp.int32)
-        return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots), scale)
+        return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots[None], slots), scale)
     kernel = {"cudnn": _cudnn_attention, "triton": _triton_attention, "splash": _splash_attention}[impl]
     return _per_shard(lambda *args: kernel(*args, scale), q, k, v, segment_ids)
 

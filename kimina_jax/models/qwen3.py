@@ -26,7 +26,9 @@ REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_dots")
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, next write slot.
+    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, each row's next write slot.
+
+    Rows advance independently (a sampler can start a new sequence in one row while the others go on).
 
     `window` (static) is how many leading slots attention reads (None: all of them): a decoder that knows no
     token beyond slot w is filled yet reads w slots instead of the whole capacity. A window equal to the number
@@ -36,7 +38,7 @@ class KVCache:
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, slots] int32, 0 = empty
-    index: jax.Array  # int32 scalar: slot where the next tokens are written
+    index: jax.Array  # [batch] int32: slot where the row's next tokens are written
     window: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
@@ -47,7 +49,7 @@ class KVCache:
             keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
             values=tuple(jnp.zeros(shape, dtype) for _ in layers),
             segment_ids=jnp.zeros((batch, slots), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
+            index=jnp.zeros((batch,), jnp.int32),
         )
 
 
@@ -62,6 +64,13 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def write_rows(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [B, S, ...] with each row's new [T, ...] entries written from its slot index[b]."""
+    return jax.vmap(lambda row, update, at: jax.lax.dynamic_update_slice_in_dim(row, update, at, axis=0))(
+        cache, new, index
+    )
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -108,13 +117,13 @@ class Attention(nnx.Module):
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
             return self.o_proj(out.reshape(b, t, -1)), None
         cached_k, cached_v = layer_cache
-        k_all = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
+        k_all = write_rows(cached_k, k.astype(cached_k.dtype), cache_index)
+        v_all = write_rows(cached_v, v.astype(cached_v.dtype), cache_index)
         if window == t:  # prefill of an empty cache
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
         else:
             slots = k_all.shape[1] if window is None else window
-            q_slots = jnp.arange(t, dtype=jnp.int32) + cache_index
+            q_slots = jnp.arange(t, dtype=jnp.int32)[None, :] + cache_index[:, None]
             key_slots = jnp.arange(slots, dtype=jnp.int32)
             mask = attention_mask(segment_ids, cache_segments[:, :slots], q_slots, key_slots)
             out = xla_attention(q, k_all[:, :slots].astype(q.dtype), v_all[:, :slots].astype(q.dtype), mask, scale)
@@ -181,9 +190,7 @@ class Qwen3Model(nnx.Module):
         new_keys, new_values = [], []
         cache_segments = None
         if cache is not None:
-            cache_segments = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1
-            )
+            cache_segments = write_rows(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index)
         for i, layer in enumerate(self.layers):
             if cache is None:
                 if self.remat == "none":

@@ -21,7 +21,7 @@ def make_engine(
         if model is None:
             raise KiminaError("rollout.engine 'jax' samples with the Flax model: load it first")
         eos = find_eos_token_ids(model.config, tokenizer, model_dir)
-        return JaxSampler(model, tokenizer=tokenizer, eos_token_ids=eos)
+        return JaxSampler.from_config(rollout_cfg.jax, model, tokenizer=tokenizer, eos_token_ids=eos)
     if rollout_cfg.engine == "vllm":
         from kimina_jax.rollout.vllm_engine import VllmEngine
 

@@ -1,24 +1,28 @@
-"""The built-in rollout engine: batched sampling on the Flax Qwen3 with a KV cache.
+"""The built-in rollout engine: batched sampling on the Flax Qwen3 with a KV cache, continuously batched.
 
-Rows (prompt i, sample j) are cut into batches of at most `max_batch_rows`; each batch is right-padded to a
-power-of-two row count and prompt length, prefilled by one jitted call, then decoded by jitted `lax.while_loop`s
-that stop early once every row has stopped. Shapes and max_tokens, greedy or not, filtered or not and the number
-of stop ids pick the compilation; temperature, top-p and top-k values are traced, so changing them does not
-recompile.
+The rows of a call (prompt i, sample j) are decoded in one batch of a fixed power-of-two number of rows
+(`max_batch_rows`, fewer when the KV cache of that many rows would exceed `kv_cache_bytes`). Every row of the cache
+holds its own sequence and advances on its own: when rows finish, the decode loop stops, their results are copied
+out, and waiting rows are prefilled (one jitted call, right-padded to a power-of-two prompt length) and written
+into the freed rows while the others keep their place: a long response does not hold its batch hostage. Once
+nothing waits, the rows still running are gathered into the smallest power-of-two batch that holds them, so
+finished samples stop costing decode steps.
 
-Decoding runs in phases of doubling length (`first_decode_window` new tokens, then twice as many, ... up to
-max_tokens), each a jitted while loop whose attention reads only the cache slots that phase can have filled: a
-step costs about the context so far, not the cache's whole capacity (with 24k-token responses the difference is
-most of the decode time). Between phases the rows still running are gathered into the smallest power-of-two
-batch that holds them, so finished samples stop costing decode steps. The prefill attends among the prompt
-tokens alone (flash kernels where they apply). Compilations: one prefill per (rows, prompt length) bucket, one
-phase per (rows bucket, phase), one gather per pair of row buckets.
+Attention reads only the leading `window` cache slots, the smallest power of two (at least `first_decode_window`)
+beyond every running row's last token, capped at the cache's capacity: a step costs about the longest context so
+far, not the whole capacity (with 24k-token responses that is most of the decode time). The decode loop also stops
+when a row reaches the window, which then doubles.
 
-Every row draws from its own key, fold_in(call key, prompt index, sample index, step), so a seeded call gives
-the same samples however the rows are batched.
+Compilations: one prefill per (rows, prompt length) bucket, one decode loop per (batch rows, window), one insert
+and one gather per pair of row buckets; shapes and max_tokens, greedy or not, filtered or not and the number of
+stop ids pick them, while temperature, top-p and top-k values are traced (changing them does not recompile).
+
+Every row draws from its own key, fold_in(call key, prompt index, sample index, tokens so far), so a seeded call
+gives the same samples however the rows are batched.
 """
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -42,13 +46,16 @@ from kimina_jax.types import Completion
 
 MIN_PROMPT_BUCKET = 16
 FIRST_DECODE_WINDOW = 512
+REFILL_FRACTION = 8  # with rows waiting, the loop stops to refill once 1/8 of the batch (at least one row) is free
 
 
 class JaxSampler(RolloutEngine):
     """Samples with the trainer's own NNX model; `update_weights` just points at the new arrays (no copy).
 
     `max_len` bounds prompt + response (default: the config's max_position_embeddings). EOS ids default to
-    config.json's and the tokenizer's (`find_eos_token_ids`).
+    config.json's and the tokenizer's (`find_eos_token_ids`). `max_batch_rows` bounds the rows decoded together
+    (the batch is the largest power of two within it); `kv_cache_bytes` (None: no bound) bounds the memory of
+    their KV cache, which holds (prompt bucket + max_tokens) slots for every row.
     """
 
     def __init__(
@@ -59,13 +66,15 @@ class JaxSampler(RolloutEngine):
         eos_token_ids: Sequence[int] | None = None,
         max_len: int | None = None,
         max_batch_rows: int = 128,
+        kv_cache_bytes: int | None = None,
         seed: int = 0,
         first_decode_window: int = FIRST_DECODE_WINDOW,
     ):
-        if max_batch_rows < 1 or first_decode_window < 1:
-            raise KiminaError(f"JaxSampler: max_batch_rows and first_decode_window must be >= 1, got "
-                              f"{max_batch_rows}, {first_decode_window}")
+        if min(max_batch_rows, first_decode_window, 1 if kv_cache_bytes is None else kv_cache_bytes) < 1:
+            raise KiminaError(f"JaxSampler: max_batch_rows, first_decode_window and kv_cache_bytes must be >= 1, got "
+                              f"{max_batch_rows}, {first_decode_window}, {kv_cache_bytes}")
         self.config = model.config
+        self._cache_dtype = model.dtype
         self._graphdef, self._state = nnx.split(model)
         self.first_decode_window = first_decode_window
         self._jitted = _Jitted(self._graphdef)
@@ -76,16 +85,24 @@ class JaxSampler(RolloutEngine):
         )
         self.max_len = max_len or model.config.max_position_embeddings
         self.max_batch_rows = max_batch_rows
+        self.kv_cache_bytes = kv_cache_bytes
         self._key = jax.random.key(seed)
         self._calls = 0
 
+    @classmethod
+    def from_config(cls, cfg, model: Qwen3ForCausalLM, **kwargs) -> JaxSampler:
+        """From the recipe's `rollout.jax` section (`config.JaxSamplerConfig`); `kwargs` as for the constructor."""
+        return cls(model, max_batch_rows=cfg.max_batch_rows, kv_cache_bytes=cfg.kv_cache_bytes,
+                   first_decode_window=cfg.first_decode_window, **kwargs)
+
     def update_weights(self, model_or_params: Any) -> None:
-        graphdef, state = nnx.split(as_model(model_or_params, self._graphdef))
+        model = as_model(model_or_params, self._graphdef)
+        graphdef, state = nnx.split(model)
         if jax.tree.structure(state) != jax.tree.structure(self._state):
             raise KiminaError("update_weights: the new parameters do not have the structure of the sampler's model")
         if graphdef != self._graphdef:  # another dtype or attention implementation: compile anew
             self._graphdef, self._jitted = graphdef, _Jitted(graphdef)
-        self._state = state
+        self._state, self._cache_dtype = state, model.dtype
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts = check_prompts(prompt_token_ids, params, self.max_len, self.config.vocab_size)
@@ -94,160 +111,204 @@ class JaxSampler(RolloutEngine):
             self._calls += 1
         else:
             call_key = jax.random.key(params.seed)
-        stop_ids = jnp.asarray(sorted(set(params.stop_token_ids) | set(self.eos_token_ids)) or [-1], jnp.int32)
+        stop_ids = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        results: dict[tuple[int, int], Completion] = {}
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start : start + self.max_batch_rows]
-            for (i, j), ids, logprobs, stopped in self._sample_rows(prompts, chunk, call_key, stop_ids, params):
-                reason = "stop" if stopped else "length"
-                results[i, j] = make_completion(i, j, ids, logprobs, reason, self.tokenizer)
+        outputs = _Batch(self, prompts, rows, call_key, stop_ids, params).run()
+        results = {}
+        for (i, j), (ids, logprobs) in zip(rows, outputs):
+            reason = "stop" if len(ids) and int(ids[-1]) in stop_ids else "length"
+            results[i, j] = make_completion(i, j, ids, logprobs, reason, self.tokenizer)
         return [[results[i, j] for j in range(params.n)] for i in range(len(prompts))]
 
-    def _sample_rows(self, prompts, rows, call_key, stop_ids, params: SamplingParams):
-        n_rows = _bucket(len(rows), 1)
-        prompt_len = _bucket(max(len(prompts[i]) for i, _ in rows), MIN_PROMPT_BUCKET)
-        tokens = np.zeros((n_rows, prompt_len), np.int32)
-        lengths = np.ones(n_rows, np.int32)  # padding rows: one dummy token, stopped from the start
-        live = np.zeros(n_rows, bool)
-        keys = np.zeros((n_rows, 2), np.int32)
-        for r, (i, j) in enumerate(rows):
-            tokens[r, : len(prompts[i])] = prompts[i]
-            lengths[r] = len(prompts[i])
-            live[r] = True
-            keys[r] = (i, j)
-        row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(keys)
-        run = self._jitted
-        decode = run.prefill(self._state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(live), row_keys,
-                             max_tokens=params.max_tokens)
-        sampling = (stop_ids, jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k))
-        origin = np.arange(n_rows)  # the row of `rows` each batch row holds (-1: a filler)
-        finished: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        for limit in _phase_limits(params.max_tokens, self.first_decode_window):
-            decode = run.phase(self._state, decode, *sampling, limit=limit, window=prompt_len + limit,
-                               greedy=params.greedy, filters=params.filters)
-            if limit == params.max_tokens:
-                break
-            done = np.asarray(decode.done)
-            running = np.flatnonzero(~done)
-            size = _bucket(len(running), 1) if len(running) else 0
-            if size < len(done):  # gather the running rows into a smaller batch; keep what the others made
-                _keep_finished(decode, origin, done, finished)
-                if not size:
-                    break
-                index = np.concatenate([running, np.full(size - len(running), running[0])])
-                filler = np.arange(size) >= len(running)
-                decode = run.take_rows(decode, jnp.asarray(index), jnp.asarray(filler))
-                origin = np.where(filler, -1, origin[index])
-        _keep_finished(decode, origin, np.ones(len(origin), bool), finished)
-        stops = set(np.asarray(stop_ids).tolist())
-        for r, row in enumerate(rows):
-            ids, logprobs, count = finished[r]
-            yield row, ids[:count], logprobs[:count], bool(count) and int(ids[count - 1]) in stops
+    def batch_rows(self, rows: int, slots: int) -> int:
+        """The batch size for `rows` waiting rows with `slots` cache slots each: a power of two."""
+        fit = self.max_batch_rows
+        if self.kv_cache_bytes is not None:
+            row_bytes = _row_bytes(self.config, self._cache_dtype, slots)
+            fit = min(fit, self.kv_cache_bytes // row_bytes)
+            if fit < 1:
+                raise KiminaError(f"JaxSampler: kv_cache_bytes={self.kv_cache_bytes} holds no row of {slots} cache "
+                                  f"slots (prompt bucket + max_tokens), which needs {row_bytes} bytes: raise "
+                                  f"rollout.jax.kv_cache_bytes or lower data.max_response_length")
+        return min(_bucket(rows, 1), 1 << (fit.bit_length() - 1))
+
+
+class _Batch:
+    """One `generate` call's rows going through the decode batch: admitted as rows free up, harvested when done."""
+
+    def __init__(self, sampler: JaxSampler, prompts, rows, call_key, stop_ids, params: SamplingParams):
+        self.sampler, self.prompts, self.rows, self.params = sampler, prompts, rows, params
+        self.run_jitted = sampler._jitted
+        self.call_key = call_key
+        self.slots = _bucket(max(len(prompts[i]) for i, _ in rows), MIN_PROMPT_BUCKET) + params.max_tokens
+        self.sampling = (jnp.asarray(stop_ids or [-1], jnp.int32), jnp.float32(params.temperature),
+                         jnp.float32(params.top_p), jnp.int32(params.top_k))
+        self.waiting = collections.deque(range(len(rows)))
+        self.origin = np.full(sampler.batch_rows(len(rows), self.slots), -1)  # row of `rows` per batch row; -1: free
+        self.outputs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rows)
+
+    def run(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        decode = self._admit(None)
+        while (self.origin >= 0).any():
+            if not self.waiting:
+                decode = self._compact(decode)
+            batch, index = len(self.origin), np.asarray(decode.cache.index)
+            last = index[self.origin >= 0].max()
+            window = min(self.slots, _bucket(max(last + 1, self.sampler.first_decode_window), 1))
+            free = int((self.origin < 0).sum())
+            stop_at = free + max(1, batch // REFILL_FRACTION) if self.waiting else max(batch - batch // 2, free + 1)
+            decode = self.run_jitted.decode(self.sampler._state, decode, *self.sampling, jnp.int32(stop_at),
+                                            window=window, greedy=self.params.greedy, filters=self.params.filters)
+            self._harvest(decode)
+            if self.waiting:
+                decode = self._admit(decode)
+        return self.outputs
+
+    def _admit(self, decode: _Decode | None) -> _Decode:
+        """Prefill waiting rows into the free batch rows (the whole batch when `decode` is None)."""
+        free = np.flatnonzero(self.origin < 0)
+        admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        if not admitted:
+            return decode
+        size = len(self.origin) if decode is None else _bucket(len(admitted), 1)
+        prompt_len = _bucket(max(len(self.prompts[self.rows[k][0]]) for k in admitted), MIN_PROMPT_BUCKET)
+        tokens = np.zeros((size, prompt_len), np.int32)
+        lengths = np.ones(size, np.int32)  # filler rows: one dummy token, done from the start
+        keys = np.zeros((size, 2), np.int32)
+        for r, k in enumerate(admitted):
+            i, j = self.rows[k]
+            tokens[r, : len(self.prompts[i])] = self.prompts[i]
+            lengths[r], keys[r] = len(self.prompts[i]), (i, j)
+        live = np.arange(size) < len(admitted)
+        new = self.run_jitted.prefill(self.sampler._state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      jnp.asarray(live), self.call_key, jnp.asarray(keys),
+                                      slots=self.slots, max_tokens=self.params.max_tokens)
+        at = free[: len(admitted)]
+        self.origin[at] = admitted
+        if decode is None:
+            return new
+        at = np.concatenate([at, np.full(size - len(admitted), len(self.origin))])  # fillers: out of range, dropped
+        return self.run_jitted.insert(decode, new, jnp.asarray(at))
+
+    def _harvest(self, decode: _Decode) -> None:
+        """Copy out what the rows that finished generated, and free their batch rows."""
+        finished = np.flatnonzero(np.asarray(decode.done) & (self.origin >= 0))
+        if not len(finished):
+            return
+        index = np.concatenate([finished, np.full(_bucket(len(finished), 1) - len(finished), finished[0])])
+        tokens, logprobs, count = jax.device_get(self.run_jitted.gather(decode, jnp.asarray(index)))
+        for r, row in enumerate(finished):
+            self.outputs[self.origin[row]] = (tokens[r, : count[r]], logprobs[r, : count[r]])
+        self.origin[finished] = -1
+
+    def _compact(self, decode: _Decode) -> _Decode:
+        """Gather the running rows into the smallest power-of-two batch that holds them."""
+        running = np.flatnonzero(self.origin >= 0)
+        size = _bucket(len(running), 1)
+        if size == len(self.origin):
+            return decode
+        index = np.concatenate([running, np.full(size - len(running), running[0])])
+        filler = np.arange(size) >= len(running)
+        self.origin = np.where(filler, -1, self.origin[index])
+        return self.run_jitted.take_rows(decode, jnp.asarray(index), jnp.asarray(filler))
 
 
 class _Decode(NamedTuple):
-    """A batch being decoded (arrays on the device; B rows)."""
+    """A batch being decoded (arrays on the device; B rows, each at its own cache slot)."""
 
-    step: jax.Array  # int32: tokens generated so far by every running row
     cache: KVCache
     logits: jax.Array  # [B, vocab] float32: the next token's logits
     tokens: jax.Array  # [B, max_tokens] int32
     logprobs: jax.Array  # [B, max_tokens] float32
     count: jax.Array  # [B] int32: tokens generated per row
-    done: jax.Array  # [B] bool: stopped, out of tokens, or a filler
-    row_keys: jax.Array  # [B] keys: a row's draws depend on its (prompt, sample) and the step only
-    lengths: jax.Array  # [B] int32 prompt lengths
+    done: jax.Array  # [B] bool: stopped, out of tokens, or free
+    row_keys: jax.Array  # [B] keys: a row's draws depend on its (prompt, sample) and its token count only
 
 
-def _keep_finished(decode: _Decode, origin: np.ndarray, rows: np.ndarray, finished: dict) -> None:
-    """Copy to the host what the chosen batch rows (not fillers, not yet kept) generated."""
-    chosen = [r for r in np.flatnonzero(rows) if origin[r] >= 0 and origin[r] not in finished]
-    if not chosen:
-        return
-    tokens, logprobs, count = (np.asarray(a) for a in (decode.tokens, decode.logprobs, decode.count))
-    for r in chosen:
-        finished[int(origin[r])] = (tokens[r], logprobs[r], int(count[r]))
+def _row_bytes(config, dtype, slots: int) -> int:
+    """Device bytes of one batch row: its KV cache of `slots` slots (keys and values of every layer)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return slots * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize
 
 
 def _bucket(size: int, minimum: int) -> int:
     """The next power of two >= size (and >= minimum)."""
-    return max(minimum, 1 << (size - 1).bit_length())
+    return max(minimum, 1 << (int(size) - 1).bit_length())
 
 
 class _Jitted:
     """The jitted pieces of sampling for one model graph (closed over, not a static argument: the model config
-    it holds is not hashable)."""
+    it holds is not hashable). The decode batch is donated: updated in place, never copied."""
 
     def __init__(self, graphdef: nnx.GraphDef):
-        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_tokens",))
-        self.phase = jax.jit(functools.partial(_decode_phase, graphdef),
-                             static_argnames=("limit", "window", "greedy", "filters"))
+        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("slots", "max_tokens"))
+        self.decode = jax.jit(functools.partial(_decode, graphdef), donate_argnums=1,
+                              static_argnames=("window", "greedy", "filters"))
+        self.insert = jax.jit(_insert, donate_argnums=0)
         self.take_rows = jax.jit(_take_rows)
+        self.gather = jax.jit(lambda d, index: (d.tokens[index], d.logprobs[index], d.count[index]))
 
 
-def _prefill(graphdef, state, tokens, lengths, live, row_keys, *, max_tokens: int) -> _Decode:
-    """Prefill right-padded prompts [B, P] into a cache with room for `max_tokens` more tokens per row. Decode
-    tokens share the prompt's segment id, so the cache mask hides only the padding slots."""
+def _prefill(graphdef, state, tokens, lengths, live, call_key, prompt_sample, *, slots: int, max_tokens: int):
+    """Prefill right-padded prompts [B, P] into a cache of `slots` slots. A row's decode tokens follow its prompt
+    (overwriting its padding) and share the prompt's segment id, so the cache mask hides only unwritten slots."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, batch, prompt_len + max_tokens, model.dtype).replace(window=prompt_len)
+    cache = KVCache.init(model.config, batch, slots, model.dtype).replace(window=prompt_len)
     segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(prompt_sample)
     return _Decode(
-        step=jnp.int32(0), cache=cache, logits=model.logits(last),
+        cache=cache.replace(index=lengths, window=None), logits=model.logits(last),
         tokens=jnp.zeros((batch, max_tokens), jnp.int32), logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
-        count=jnp.zeros((batch,), jnp.int32), done=~live, row_keys=row_keys, lengths=lengths,
+        count=jnp.zeros((batch,), jnp.int32), done=~live, row_keys=row_keys,
     )
 
 
-def _decode_phase(
-    graphdef, state, decode: _Decode, stop_ids, temperature, top_p, top_k, *,
-    limit: int, window: int, greedy: bool, filters: bool,
+def _decode(
+    graphdef, state, decode: _Decode, stop_ids, temperature, top_p, top_k, stop_at, *,
+    window: int, greedy: bool, filters: bool,
 ) -> _Decode:
-    """Decode until every row is done or `limit` tokens are generated, attention reading `window` cache slots."""
+    """Decode until `stop_at` rows are done or a running row reaches the `window` cache slots attention reads."""
     model = nnx.merge(graphdef, state)
-    batch = decode.done.shape[0]
+    batch, max_tokens = decode.tokens.shape
+    rows = jnp.arange(batch)
 
     def step_once(d: _Decode) -> _Decode:
-        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, d.step))(d.row_keys)
+        live = ~d.done
+        step_keys = jax.vmap(jax.random.fold_in)(d.row_keys, d.count)
         token, logprob = _pick_tokens(d.logits, step_keys, temperature, top_p, top_k, greedy, filters)
-        hidden, cache = model.hidden_states(
-            token[:, None], (d.lengths + d.step)[:, None], jnp.ones((batch, 1), jnp.int32), d.cache
-        )
+        slot = d.cache.index  # == the token's position: a row's tokens fill its slots from 0 on
+        hidden, cache = model.hidden_states(token[:, None], slot[:, None], jnp.ones((batch, 1), jnp.int32), d.cache)
+        column = jnp.where(live, d.count, max_tokens)  # out of range for done rows: nothing written
+        count = d.count + live.astype(jnp.int32)
         return d._replace(
-            step=d.step + 1, cache=cache, logits=model.logits(hidden[:, 0]),
-            tokens=d.tokens.at[:, d.step].set(jnp.where(d.done, 0, token)),
-            logprobs=d.logprobs.at[:, d.step].set(jnp.where(d.done, 0.0, logprob)),
-            count=d.count + (~d.done).astype(jnp.int32),
-            done=d.done | jnp.isin(token, stop_ids),
+            cache=cache.replace(index=jnp.where(live, cache.index, slot)), logits=model.logits(hidden[:, 0]),
+            tokens=d.tokens.at[rows, column].set(token, mode="drop"),
+            logprobs=d.logprobs.at[rows, column].set(logprob, mode="drop"),
+            count=count, done=d.done | jnp.isin(token, stop_ids) | (count >= max_tokens),
         )
 
+    def keep_going(d: _Decode):
+        room = jnp.all(d.done | (d.cache.index < window))
+        return room & (jnp.sum(d.done) < stop_at) & ~jnp.all(d.done)
+
     decode = decode._replace(cache=decode.cache.replace(window=window))
-    return jax.lax.while_loop(lambda d: (d.step < limit) & ~jnp.all(d.done), step_once, decode)
+    decode = jax.lax.while_loop(keep_going, step_once, decode)
+    return decode._replace(cache=decode.cache.replace(window=None))
+
+
+def _insert(decode: _Decode, new: _Decode, at: jax.Array) -> _Decode:
+    """`decode` with its rows `at` replaced by `new`'s rows (indices out of range: dropped)."""
+    return jax.tree.map(lambda old, rows: old.at[at].set(rows, mode="drop"), decode, new)
 
 
 def _take_rows(decode: _Decode, index: jax.Array, filler: jax.Array) -> _Decode:
-    """The batch rows `index` (fillers marked done), the cache's rows with them."""
-    take = functools.partial(jnp.take, indices=index, axis=0)
-    cache = decode.cache
-    cache = cache.replace(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)),
-                          segment_ids=take(cache.segment_ids))
-    return decode._replace(
-        cache=cache, logits=take(decode.logits), tokens=take(decode.tokens), logprobs=take(decode.logprobs),
-        count=take(decode.count), done=take(decode.done) | filler, row_keys=take(decode.row_keys),
-        lengths=take(decode.lengths),
-    )
-
-
-def _phase_limits(max_tokens: int, first: int) -> list[int]:
-    """New-token counts at which the decode phases end: first, 2 * first, ... and max_tokens."""
-    limits = [min(first, max_tokens)]
-    while limits[-1] < max_tokens:
-        limits.append(min(2 * limits[-1], max_tokens))
-    return limits
+    """The batch rows `index` (fillers marked done)."""
+    taken = jax.tree.map(lambda a: jnp.take(a, index, axis=0), decode)
+    return taken._replace(done=taken.done | filler)
 
 
 def _pick_tokens(logits, keys, temperature, top_p, top_k, greedy: bool, filters: bool):
