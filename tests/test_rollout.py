@@ -86,15 +86,15 @@ def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
             np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
 
 
-def count_calls(sampler: JaxSampler, name: str) -> list[int]:
-    """Counts the calls of one of the sampler's jitted pieces (the count is in the returned list)."""
-    calls, jitted = [0], getattr(sampler._jitted, name)
+def record_calls(sampler: JaxSampler, name: str) -> list[tuple]:
+    """The positional arguments of every later call of one of the sampler's jitted pieces."""
+    calls, jitted = [], getattr(sampler._jitted, name)
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
+    def recorded(*args, **kwargs):
+        calls.append(args)
         return jitted(*args, **kwargs)
 
-    setattr(sampler._jitted, name, counted)
+    setattr(sampler._jitted, name, recorded)
     return calls
 
 
@@ -107,9 +107,9 @@ def test_rows_admitted_into_a_running_batch_decode_as_if_alone(hf_folder):
     prompts = PROMPTS + [[3, 4], list(range(40, 52)), [7] * 9, list(range(60, 66))]
     stop_ids = tuple(range(60, 100))
     sampler = JaxSampler(model, max_batch_rows=2, first_decode_window=4)
-    inserts = count_calls(sampler, "insert")
+    inserts = record_calls(sampler, "insert")
     greedy = sampler.generate(prompts, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stop_ids))
-    assert inserts[0] >= 3
+    assert len(inserts) >= 3
     lengths = set()
     for prompt, (completion,) in zip(prompts, greedy):
         expected = greedy_reference(hf_model, prompt, 30)
@@ -198,7 +198,10 @@ def test_samples_come_back_grouped_complete_and_reproducible(tiny_model):
     stop_ids = tuple(range(30, 90))  # many stop ids, so that some rows stop early
     params = SamplingParams(n=3, max_tokens=8, seed=7, stop_token_ids=stop_ids)
     small_batches = JaxSampler(tiny_model, max_batch_rows=2).generate(PROMPTS, params)
-    one_batch = JaxSampler(tiny_model, max_batch_rows=64, first_decode_window=2).generate(PROMPTS, params)
+    sampler = JaxSampler(tiny_model, max_batch_rows=64, first_decode_window=2)
+    prefills = record_calls(sampler, "prefill")
+    one_batch = sampler.generate(PROMPTS, params)
+    assert [args[1].shape[0] for args in prefills] == [4]  # 3 prompts prefilled once for 9 rows (a 16-row batch)
     assert len(small_batches) == len(PROMPTS)
     stops = set(stop_ids) | {EOS}
     for i, row in enumerate(small_batches):

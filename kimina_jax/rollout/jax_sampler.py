@@ -3,7 +3,7 @@
 The rows of a call (prompt i, sample j) are decoded in one batch of a fixed power-of-two number of rows
 (`max_batch_rows`, fewer when the KV cache of that many rows would exceed `kv_cache_bytes`). Every row of the cache
 holds its own sequence and advances on its own: when rows finish, the decode loop stops, their results are copied
-out, and waiting rows are prefilled (one jitted call, right-padded to a power-of-two prompt length) and written
+out, and waiting rows are prefilled (one jitted call, right-padded to a power-of-two prompt length) and copied
 into the freed rows while the others keep their place: a long response does not hold its batch hostage. Once
 nothing waits, the rows still running are gathered into the smallest power-of-two batch that holds them, so
 finished samples stop costing decode steps.
@@ -13,9 +13,11 @@ beyond every running row's last token, capped at the cache's capacity: a step co
 far, not the whole capacity (with 24k-token responses that is most of the decode time). The decode loop also stops
 when a row reaches the window, which then doubles.
 
-Compilations: one prefill per (rows, prompt length) bucket, one decode loop per (batch rows, window), one insert
-and one gather per pair of row buckets; shapes and max_tokens, greedy or not, filtered or not and the number of
-stop ids pick them, while temperature, top-p and top-k values are traced (changing them does not recompile).
+A prompt is prefilled once for all its samples admitted together (their cache rows are copies). Compilations:
+one prefill per (prompts, prompt length) bucket, one decode loop per (batch rows, window), one insert per
+(batch rows, new rows, prompts) buckets, one gather per pair of row buckets; shapes and max_tokens, greedy or
+not, filtered or not and the number of stop ids pick them, while temperature, top-p and top-k values are traced
+(changing them does not recompile).
 
 Every row draws from its own key, fold_in(call key, prompt index, sample index, tokens so far), so a seeded call
 gives the same samples however the rows are batched.
@@ -165,30 +167,34 @@ class _Batch:
         return self.outputs
 
     def _admit(self, decode: _Decode | None) -> _Decode:
-        """Prefill waiting rows into the free batch rows (the whole batch when `decode` is None)."""
+        """Prefill waiting rows into the free batch rows (the whole batch when `decode` is None). A prompt is
+        prefilled once for all its admitted samples, which copy its cache rows."""
         free = np.flatnonzero(self.origin < 0)
         admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
         if not admitted:
             return decode
+        unique = {i: u for u, i in enumerate(dict.fromkeys(self.rows[k][0] for k in admitted))}
+        prompt_len = _bucket(max(len(self.prompts[i]) for i in unique), MIN_PROMPT_BUCKET)
+        tokens = np.zeros((_bucket(len(unique), 1), prompt_len), np.int32)
+        lengths = np.ones(len(tokens), np.int32)  # filler prompts: one dummy token
+        for i, u in unique.items():
+            tokens[u, : len(self.prompts[i])] = self.prompts[i]
+            lengths[u] = len(self.prompts[i])
+        prefilled = self.run_jitted.prefill(self.sampler._state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                            slots=self.slots)
         size = len(self.origin) if decode is None else _bucket(len(admitted), 1)
-        prompt_len = _bucket(max(len(self.prompts[self.rows[k][0]]) for k in admitted), MIN_PROMPT_BUCKET)
-        tokens = np.zeros((size, prompt_len), np.int32)
-        lengths = np.ones(size, np.int32)  # filler rows: one dummy token, done from the start
-        keys = np.zeros((size, 2), np.int32)
+        source = np.zeros(size, np.int32)  # the prefilled prompt each new row copies (filler rows: the first)
+        prompt_sample = np.zeros((size, 2), np.int32)
         for r, k in enumerate(admitted):
-            i, j = self.rows[k]
-            tokens[r, : len(self.prompts[i])] = self.prompts[i]
-            lengths[r], keys[r] = len(self.prompts[i]), (i, j)
-        live = np.arange(size) < len(admitted)
-        new = self.run_jitted.prefill(self.sampler._state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      jnp.asarray(live), self.call_key, jnp.asarray(keys),
-                                      slots=self.slots, max_tokens=self.params.max_tokens)
+            source[r], prompt_sample[r] = unique[self.rows[k][0]], self.rows[k]
+        new_rows = (jnp.asarray(source), jnp.asarray(np.arange(size) < len(admitted)), self.call_key,
+                    jnp.asarray(prompt_sample))
         at = free[: len(admitted)]
         self.origin[at] = admitted
         if decode is None:
-            return new
+            return self.run_jitted.start(prefilled, *new_rows, max_tokens=self.params.max_tokens)
         at = np.concatenate([at, np.full(size - len(admitted), len(self.origin))])  # fillers: out of range, dropped
-        return self.run_jitted.insert(decode, new, jnp.asarray(at))
+        return self.run_jitted.insert(decode, prefilled, *new_rows, jnp.asarray(at))
 
     def _harvest(self, decode: _Decode) -> None:
         """Copy out what the rows that finished generated, and free their batch rows."""
@@ -241,7 +247,8 @@ class _Jitted:
     it holds is not hashable). The decode batch is donated: updated in place, never copied."""
 
     def __init__(self, graphdef: nnx.GraphDef):
-        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("slots", "max_tokens"))
+        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames="slots")
+        self.start = jax.jit(_start, static_argnames="max_tokens")
         self.decode = jax.jit(functools.partial(_decode, graphdef), donate_argnums=1,
                               static_argnames=("window", "greedy", "filters"))
         self.insert = jax.jit(_insert, donate_argnums=0)
@@ -249,19 +256,34 @@ class _Jitted:
         self.gather = jax.jit(lambda d, index: (d.tokens[index], d.logprobs[index], d.count[index]))
 
 
-def _prefill(graphdef, state, tokens, lengths, live, call_key, prompt_sample, *, slots: int, max_tokens: int):
-    """Prefill right-padded prompts [B, P] into a cache of `slots` slots. A row's decode tokens follow its prompt
+class _Prefilled(NamedTuple):
+    """Prompts prefilled into a cache: the rows that batch rows start from (U prompts)."""
+
+    cache: KVCache  # each row's index is its prompt length: decode tokens go right after the prompt
+    logits: jax.Array  # [U, vocab] float32: the first new token's logits
+
+
+def _prefill(graphdef, state, tokens, lengths, *, slots: int) -> _Prefilled:
+    """Prefill right-padded prompts [U, P] into a cache of `slots` slots. A row's decode tokens follow its prompt
     (overwriting its padding) and share the prompt's segment id, so the cache mask hides only unwritten slots."""
     model = nnx.merge(graphdef, state)
-    batch, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, batch, slots, model.dtype).replace(window=prompt_len)
+    rows, prompt_len = tokens.shape
+    cache = KVCache.init(model.config, rows, slots, model.dtype).replace(window=prompt_len)
     segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return _Prefilled(cache=cache.replace(index=lengths, window=None), logits=model.logits(last))
+
+
+def _start(prefilled: _Prefilled, source, live, call_key, prompt_sample, *, max_tokens: int) -> _Decode:
+    """Batch rows, row r a copy of prefilled prompt source[r] drawing with the key of its (prompt, sample) in
+    prompt_sample[r]; rows not `live` are fillers, done from the start."""
+    take = functools.partial(jnp.take, indices=source, axis=0)
+    batch = source.shape[0]
     row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(prompt_sample)
     return _Decode(
-        cache=cache.replace(index=lengths, window=None), logits=model.logits(last),
+        cache=jax.tree.map(take, prefilled.cache), logits=take(prefilled.logits),
         tokens=jnp.zeros((batch, max_tokens), jnp.int32), logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
         count=jnp.zeros((batch,), jnp.int32), done=~live, row_keys=row_keys,
     )
@@ -300,8 +322,9 @@ def _decode(
     return decode._replace(cache=decode.cache.replace(window=None))
 
 
-def _insert(decode: _Decode, new: _Decode, at: jax.Array) -> _Decode:
-    """`decode` with its rows `at` replaced by `new`'s rows (indices out of range: dropped)."""
+def _insert(decode: _Decode, prefilled: _Prefilled, source, live, call_key, prompt_sample, at) -> _Decode:
+    """`decode` with its rows `at` replaced by new rows started as `_start` does (indices out of range: dropped)."""
+    new = _start(prefilled, source, live, call_key, prompt_sample, max_tokens=decode.tokens.shape[1])
     return jax.tree.map(lambda old, rows: old.at[at].set(rows, mode="drop"), decode, new)
 
 
