@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from kimina_jax.data.tokenizer import build_tiny_tokenizer
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import iter_hf_tensors, load_hf_checkpoint
+from kimina_jax.parallel import make_mesh, shard_params
 from kimina_jax.rollout import JaxSampler, SamplingParams, VllmEngine, logprob_diff, make_completion
 from kimina_jax.rollout.tpu_inference import to_tpu_inference_layout
 from kimina_jax.rollout.weights import hf_torch_tensors
@@ -87,12 +88,12 @@ def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
 
 
 def record_calls(sampler: JaxSampler, name: str) -> list[tuple]:
-    """The positional arguments of every later call of one of the sampler's jitted pieces."""
+    """(positional arguments, result) of every later call of one of the sampler's jitted pieces."""
     calls, jitted = [], getattr(sampler._jitted, name)
 
     def recorded(*args, **kwargs):
-        calls.append(args)
-        return jitted(*args, **kwargs)
+        calls.append((args, jitted(*args, **kwargs)))
+        return calls[-1][1]
 
     setattr(sampler._jitted, name, recorded)
     return calls
@@ -124,6 +125,32 @@ def test_rows_admitted_into_a_running_batch_decode_as_if_alone(hf_folder):
         np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
     alone = JaxSampler(model, max_batch_rows=1).generate(prompts, params)
     assert [[c.token_ids for c in row] for row in sampled] == [[c.token_ids for c in row] for row in alone]
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)], ids=["fsdp8", "2x2x2"])
+def test_sampling_on_a_mesh_splits_rows_not_weights(tiny_model, mesh_shape):
+    """The trainer's parameters split over a mesh: the sampler decodes its rows data-parallel with weights split
+    over `tensor` alone (no weight gathers per step) and samples what one device samples."""
+    data, fsdp, tensor = mesh_shape
+    mesh = make_mesh(data, fsdp, tensor)
+    graphdef, state = nnx.split(tiny_model)
+    sampler = JaxSampler(nnx.merge(graphdef, shard_params(state, mesh)))
+    decodes = record_calls(sampler, "decode")
+    params = SamplingParams(n=4, temperature=0.8, top_p=0.9, max_tokens=12, seed=3)
+    sharded = sampler.generate(PROMPTS, params)
+    alone = JaxSampler(tiny_model).generate(PROMPTS, params)
+    for row, same in zip(sharded, alone):
+        assert [c.token_ids for c in row] == [c.token_ids for c in same]
+        for completion, reference in zip(row, same):
+            np.testing.assert_allclose(completion.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+    for leaf in jax.tree.leaves(sampler._state):
+        assert set(jax.tree.leaves(tuple(leaf.sharding.spec))) <= {"tensor"}
+    q_proj = sampler._state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]  # [hidden, heads * dim]
+    assert q_proj.sharding.shard_shape(q_proj.shape) == (q_proj.shape[0], q_proj.shape[1] // tensor)
+    _, decode = decodes[0]
+    keys = decode.cache.keys[0]  # 12 rows in a 16-row batch, 2 KV heads
+    assert keys.sharding.shard_shape(keys.shape) == (16 // (data * fsdp), keys.shape[1], 2 // tensor, keys.shape[3])
+    assert decode.tokens.sharding.shard_shape(decode.tokens.shape) == (16 // (data * fsdp), 12)
 
 
 def test_kv_cache_bytes_bounds_the_batch(tiny_model):
@@ -201,7 +228,7 @@ def test_samples_come_back_grouped_complete_and_reproducible(tiny_model):
     sampler = JaxSampler(tiny_model, max_batch_rows=64, first_decode_window=2)
     prefills = record_calls(sampler, "prefill")
     one_batch = sampler.generate(PROMPTS, params)
-    assert [args[1].shape[0] for args in prefills] == [4]  # 3 prompts prefilled once for 9 rows (a 16-row batch)
+    assert [args[1].shape[0] for args, _ in prefills] == [4]  # 3 prompts prefilled once for 9 rows (a 16-row batch)
     assert len(small_batches) == len(PROMPTS)
     stops = set(stop_ids) | {EOS}
     for i, row in enumerate(small_batches):

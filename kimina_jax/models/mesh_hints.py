@@ -38,5 +38,5 @@ def constrain_columns_whole(table: jax.Array) -> jax.Array:
     mesh = active_mesh()
     if mesh is None:
         return table
-    rows = "tensor" if table.shape[0] % mesh.shape.get("tensor", 1) == 0 else None
+    rows = "tensor" if "tensor" in mesh.shape and table.shape[0] % mesh.shape["tensor"] == 0 else None
     return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, None))

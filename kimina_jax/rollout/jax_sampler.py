@@ -21,10 +21,16 @@ not, filtered or not and the number of stop ids pick them, while temperature, to
 
 Every row draws from its own key, fold_in(call key, prompt index, sample index, tokens so far), so a seeded call
 gives the same samples however the rows are batched.
+
+On a mesh (the trainer's parameters split over several devices) sampling is data-parallel: the sampler keeps a
+copy of the weights split over `tensor` only (weight matrices in the compute dtype, which is what the model casts
+them to), so a decode step gathers no weights; the model's sharding hints split the batch rows (and so the KV
+cache) over `data` x `fsdp`.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import KVCache, Qwen3ForCausalLM
@@ -52,7 +59,8 @@ REFILL_FRACTION = 8  # with rows waiting, the loop stops to refill once 1/8 of t
 
 
 class JaxSampler(RolloutEngine):
-    """Samples with the trainer's own NNX model; `update_weights` just points at the new arrays (no copy).
+    """Samples with the trainer's own NNX model: `update_weights` points at the new arrays on one device, and makes
+    the sampling copy on a mesh (module docstring).
 
     `max_len` bounds prompt + response (default: the config's max_position_embeddings). EOS ids default to
     config.json's and the tokenizer's (`find_eos_token_ids`). `max_batch_rows` bounds the rows decoded together
@@ -77,7 +85,8 @@ class JaxSampler(RolloutEngine):
                               f"{max_batch_rows}, {first_decode_window}, {kv_cache_bytes}")
         self.config = model.config
         self._cache_dtype = model.dtype
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, state = nnx.split(model)
+        self._state, self._mesh = _sampling_weights(state, model.dtype)
         self.first_decode_window = first_decode_window
         self._jitted = _Jitted(self._graphdef)
         self.tokenizer = tokenizer
@@ -104,7 +113,7 @@ class JaxSampler(RolloutEngine):
             raise KiminaError("update_weights: the new parameters do not have the structure of the sampler's model")
         if graphdef != self._graphdef:  # another dtype or attention implementation: compile anew
             self._graphdef, self._jitted = graphdef, _Jitted(graphdef)
-        self._state, self._cache_dtype = state, model.dtype
+        (self._state, self._mesh), self._cache_dtype = _sampling_weights(state, model.dtype), model.dtype
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts = check_prompts(prompt_token_ids, params, self.max_len, self.config.vocab_size)
@@ -115,7 +124,8 @@ class JaxSampler(RolloutEngine):
             call_key = jax.random.key(params.seed)
         stop_ids = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        outputs = _Batch(self, prompts, rows, call_key, stop_ids, params).run()
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            outputs = _Batch(self, prompts, rows, call_key, stop_ids, params).run()
         results = {}
         for (i, j), (ids, logprobs) in zip(rows, outputs):
             reason = "stop" if len(ids) and int(ids[-1]) in stop_ids else "length"
@@ -231,6 +241,28 @@ class _Decode(NamedTuple):
     row_keys: jax.Array  # [B] keys: a row's draws depend on its (prompt, sample) and its token count only
 
 
+def _sampling_weights(state, dtype) -> tuple[Any, Any]:
+    """(the weights to sample with, their mesh or None): on a mesh of several devices a copy split over `tensor`
+    alone, weight matrices cast to the compute `dtype`; elsewhere `state` itself."""
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(state)]
+    mesh = getattr(shardings[0], "mesh", None)
+    if mesh is None or mesh.size == 1 or not all(isinstance(s, NamedSharding) for s in shardings):
+        return state, None
+
+    def tensor_only(leaf):
+        spec = PartitionSpec(*(_keep_tensor(axes) for axes in leaf.sharding.spec))
+        matrix = leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+        return jax.device_put(leaf.astype(dtype) if matrix else leaf, NamedSharding(mesh, spec))
+
+    return jax.tree.map(tensor_only, state), mesh
+
+
+def _keep_tensor(axes):
+    """A PartitionSpec entry with every mesh axis but `tensor` dropped."""
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return "tensor" if "tensor" in names else None
+
+
 def _row_bytes(config, dtype, slots: int) -> int:
     """Device bytes of one batch row: its KV cache of `slots` slots (keys and values of every layer)."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -296,7 +328,6 @@ def _decode(
     """Decode until `stop_at` rows are done or a running row reaches the `window` cache slots attention reads."""
     model = nnx.merge(graphdef, state)
     batch, max_tokens = decode.tokens.shape
-    rows = jnp.arange(batch)
 
     def step_once(d: _Decode) -> _Decode:
         live = ~d.done
@@ -304,12 +335,13 @@ def _decode(
         token, logprob = _pick_tokens(d.logits, step_keys, temperature, top_p, top_k, greedy, filters)
         slot = d.cache.index  # == the token's position: a row's tokens fill its slots from 0 on
         hidden, cache = model.hidden_states(token[:, None], slot[:, None], jnp.ones((batch, 1), jnp.int32), d.cache)
-        column = jnp.where(live, d.count, max_tokens)  # out of range for done rows: nothing written
+        # This step's column of each live row (a select, not a scatter: row-split buffers stay local).
+        column = (jnp.arange(max_tokens)[None, :] == d.count[:, None]) & live[:, None]
         count = d.count + live.astype(jnp.int32)
         return d._replace(
             cache=cache.replace(index=jnp.where(live, cache.index, slot)), logits=model.logits(hidden[:, 0]),
-            tokens=d.tokens.at[rows, column].set(token, mode="drop"),
-            logprobs=d.logprobs.at[rows, column].set(logprob, mode="drop"),
+            tokens=jnp.where(column, token[:, None], d.tokens),
+            logprobs=jnp.where(column, logprob[:, None], d.logprobs),
             count=count, done=d.done | jnp.isin(token, stop_ids) | (count >= max_tokens),
         )
 
