@@ -134,7 +134,7 @@ class JaxSamplerConfig:
     """Engine `jax`: the built-in sampler (continuously batched; every row's KV cache holds prompt + max_tokens)."""
 
     max_batch_rows: int = 128  # rows decoded together (the largest power of two within this)
-    kv_cache_bytes: int | None = 16 * 2**30  # ... fewer when their KV cache would exceed this; None: no bound
+    kv_cache_bytes: int | None = 16 * 2**30  # ... fewer when their KV cache exceeds this on a device; None: no bound
     first_decode_window: int = 512  # attention reads this many cache slots at first, doubling as rows grow
 
 

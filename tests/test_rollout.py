@@ -160,6 +160,7 @@ def test_kv_cache_bytes_bounds_the_batch(tiny_model):
     assert JaxSampler(tiny_model, max_batch_rows=100).batch_rows(5, 64) == 8
     assert JaxSampler(tiny_model, kv_cache_bytes=3 * row_bytes).batch_rows(300, 64) == 2
     assert JaxSampler(tiny_model, kv_cache_bytes=4 * row_bytes).batch_rows(300, 64) == 4
+    assert JaxSampler(tiny_model, max_batch_rows=6).batch_rows(300, 64) == 4
     tight = JaxSampler(tiny_model, kv_cache_bytes=row_bytes - 1)
     with pytest.raises(KiminaError, match=r"kv_cache_bytes=.* holds no row of 64 cache slots .* rollout.jax"):
         tight.batch_rows(1, 64)
@@ -169,6 +170,15 @@ def test_kv_cache_bytes_bounds_the_batch(tiny_model):
         [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=48, seed=0)
     )[0]
     assert len(completion.token_ids) >= 1
+    # On a mesh the budget is per device: rows split over data x fsdp, KV heads (2 here) over tensor.
+    graphdef, state = nnx.split(tiny_model)
+    for (data, fsdp, tensor), rows_at_3 in (((1, 8, 1), 16), ((2, 2, 2), 16), ((1, 1, 8), 2)):
+        on_mesh = nnx.merge(graphdef, shard_params(state, make_mesh(data, fsdp, tensor)))
+        budget = JaxSampler(on_mesh, kv_cache_bytes=3 * row_bytes)
+        assert budget.batch_rows(300, 64) == rows_at_3, (data, fsdp, tensor)
+        assert budget.batch_rows(2, 64) == 2  # two rows, not split over 8 devices: both on every device
+    fsdp8 = nnx.merge(graphdef, shard_params(state, make_mesh(1, 8, 1)))
+    assert JaxSampler(fsdp8, kv_cache_bytes=row_bytes).batch_rows(4, 64) == 1  # 4 rows could not be split
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

@@ -1,7 +1,7 @@
 """The built-in rollout engine: batched sampling on the Flax Qwen3 with a KV cache, continuously batched.
 
 The rows of a call (prompt i, sample j) are decoded in one batch of a fixed power-of-two number of rows
-(`max_batch_rows`, fewer when the KV cache of that many rows would exceed `kv_cache_bytes`). Every row of the cache
+(`max_batch_rows`, fewer when their KV cache would exceed `kv_cache_bytes` on a device). Every row of the cache
 holds its own sequence and advances on its own: when rows finish, the decode loop stops, their results are copied
 out, and waiting rows are prefilled (one jitted call, right-padded to a power-of-two prompt length) and copied
 into the freed rows while the others keep their place: a long response does not hold its batch hostage. Once
@@ -64,8 +64,8 @@ class JaxSampler(RolloutEngine):
 
     `max_len` bounds prompt + response (default: the config's max_position_embeddings). EOS ids default to
     config.json's and the tokenizer's (`find_eos_token_ids`). `max_batch_rows` bounds the rows decoded together
-    (the batch is the largest power of two within it); `kv_cache_bytes` (None: no bound) bounds the memory of
-    their KV cache, which holds (prompt bucket + max_tokens) slots for every row.
+    (the batch is the largest power of two within it); `kv_cache_bytes` (None: no bound) bounds the memory their
+    KV cache takes on each device; it holds (prompt bucket + max_tokens) slots for every row.
     """
 
     def __init__(
@@ -133,16 +133,20 @@ class JaxSampler(RolloutEngine):
         return [[results[i, j] for j in range(params.n)] for i in range(len(prompts))]
 
     def batch_rows(self, rows: int, slots: int) -> int:
-        """The batch size for `rows` waiting rows with `slots` cache slots each: a power of two."""
-        fit = self.max_batch_rows
-        if self.kv_cache_bytes is not None:
-            row_bytes = _row_bytes(self.config, self._cache_dtype, slots)
-            fit = min(fit, self.kv_cache_bytes // row_bytes)
-            if fit < 1:
-                raise KiminaError(f"JaxSampler: kv_cache_bytes={self.kv_cache_bytes} holds no row of {slots} cache "
-                                  f"slots (prompt bucket + max_tokens), which needs {row_bytes} bytes: raise "
-                                  f"rollout.jax.kv_cache_bytes or lower data.max_response_length")
-        return min(_bucket(rows, 1), 1 << (fit.bit_length() - 1))
+        """The batch size for `rows` waiting rows with `slots` cache slots each: a power of two whose KV cache
+        takes at most `kv_cache_bytes` on any device (on a mesh, rows and KV heads are split)."""
+        batch = min(_bucket(rows, 1), _floor_pow2(self.max_batch_rows))
+        if self.kv_cache_bytes is None:
+            return batch
+        row_split, head_split = _cache_split(self._mesh, self.config.num_key_value_heads)
+        device_row_bytes = _row_bytes(self.config, self._cache_dtype, slots) // head_split
+        per_device = self.kv_cache_bytes // device_row_bytes
+        if per_device < 1:
+            raise KiminaError(f"JaxSampler: kv_cache_bytes={self.kv_cache_bytes} holds no row of {slots} cache slots "
+                              f"(prompt bucket + max_tokens), which needs {device_row_bytes} bytes per device: raise "
+                              f"rollout.jax.kv_cache_bytes or lower data.max_response_length")
+        batch = min(batch, _floor_pow2(per_device * row_split))
+        return batch if batch % row_split == 0 else min(batch, _floor_pow2(per_device))  # rows not split
 
 
 class _Batch:
@@ -261,6 +265,19 @@ def _keep_tensor(axes):
     """A PartitionSpec entry with every mesh axis but `tensor` dropped."""
     names = axes if isinstance(axes, tuple) else (axes,)
     return "tensor" if "tensor" in names else None
+
+
+def _cache_split(mesh, kv_heads: int) -> tuple[int, int]:
+    """How many ways the mesh splits the KV cache's rows (`data` x `fsdp`) and heads (`tensor`, where it divides)."""
+    if mesh is None:
+        return 1, 1
+    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    tensor = mesh.shape.get("tensor", 1)
+    return rows, tensor if kv_heads % tensor == 0 else 1
+
+
+def _floor_pow2(size: int) -> int:
+    return 1 << (int(size).bit_length() - 1)
 
 
 def _row_bytes(config, dtype, slots: int) -> int:
