@@ -39,7 +39,7 @@ bench() {
       xla-4k) bench "${step[@]}" --shape qwen3-1.7b --tokens-per-micro-batch 4096 --attention xla --remat full ;;
       rows-8k) bench "${step[@]}" "${big[@]}" --row-length 8192 --attention cudnn --remat full ;;
       rollout) bench benchmarks/rollout.py --shape qwen3-0.6b qwen3-1.7b --dtype bfloat16 --engines jax stream \
-                 --prompts 64 --n 8 --max-tokens 1024 ;;
+                 --prompts 64 --n 8 --max-tokens 1024 --max-batch-rows 256 ;;  # 256 rows: 32 GiB of KV cache
       rollout-varied) bench benchmarks/rollout.py --shape qwen3-1.7b --dtype bfloat16 --engines jax --syncs 1 \
                  --prompts 64 --n 8 --max-tokens 4096 --mean-tokens 1024 --max-batch-rows 128 ;;
       *) echo "unknown row $row: cudnn triton save-dots 0.6b xla-4k rows-8k rollout rollout-varied" ;;
