@@ -27,7 +27,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
-from kimina_jax.models.mesh_hints import active_mesh, row_mesh_axes
+from kimina_jax.models.mesh_hints import active_mesh, row_mesh_axes, tensor_axis
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
@@ -154,8 +154,7 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids):
     if mesh is None:
         return kernel(q, k, v, segment_ids)
     rows = row_mesh_axes(mesh, q.shape[0])
-    tensor = mesh.shape.get("tensor", 1)
-    heads = "tensor" if q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
+    heads = tensor_axis(mesh, k.shape[2])  # query heads are a multiple of the KV heads
     spec = PartitionSpec(rows, None, heads, None)
     return jax.shard_map(
         kernel, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec, check_vma=False

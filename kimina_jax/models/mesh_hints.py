@@ -20,7 +20,17 @@ def active_mesh():
 def row_mesh_axes(mesh, rows: int) -> tuple[str, ...] | None:
     """The mesh axes that split the rows of a batch (`data` x `fsdp`), or None where they do not divide them."""
     axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.shape)
-    return axes if rows % math.prod(mesh.shape[axis] for axis in axes) == 0 else None
+    return axes if rows % row_shards(mesh) == 0 else None
+
+
+def row_shards(mesh) -> int:
+    """How many ways the mesh's `data` x `fsdp` axes split a batch's rows."""
+    return math.prod(mesh.shape[axis] for axis in ("data", "fsdp") if axis in mesh.shape)
+
+
+def tensor_axis(mesh, size: int) -> str | None:
+    """`tensor` where the mesh has that axis and it divides `size` (heads, vocabulary rows), else None."""
+    return "tensor" if "tensor" in mesh.shape and size % mesh.shape["tensor"] == 0 else None
 
 
 def constrain_rows(x: jax.Array) -> jax.Array:
@@ -38,5 +48,4 @@ def constrain_columns_whole(table: jax.Array) -> jax.Array:
     mesh = active_mesh()
     if mesh is None:
         return table
-    rows = "tensor" if "tensor" in mesh.shape and table.shape[0] % mesh.shape["tensor"] == 0 else None
-    return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, None))
+    return jax.lax.with_sharding_constraint(table, PartitionSpec(tensor_axis(mesh, table.shape[0]), None))

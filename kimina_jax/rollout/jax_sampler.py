@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import KVCache, Qwen3ForCausalLM
+from kimina_jax.models.mesh_hints import row_shards, tensor_axis
 from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
@@ -271,9 +272,7 @@ def _cache_split(mesh, kv_heads: int) -> tuple[int, int]:
     """How many ways the mesh splits the KV cache's rows (`data` x `fsdp`) and heads (`tensor`, where it divides)."""
     if mesh is None:
         return 1, 1
-    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    tensor = mesh.shape.get("tensor", 1)
-    return rows, tensor if kv_heads % tensor == 0 else 1
+    return row_shards(mesh), mesh.shape["tensor"] if tensor_axis(mesh, kv_heads) else 1
 
 
 def _floor_pow2(size: int) -> int:
