@@ -178,6 +178,9 @@ class VerifierConfig:
     batch_size: int = 8  # snippets per request
     max_in_flight: int = 40  # concurrent requests
     retries: int = 3
+    # What the server's message line numbers count from (SPEC 11): `body` (after the imports: 2.0.0, PyPI's 2.1.3),
+    # `code` (the whole snippet: upstream since 2025-10-24), or `auto` (one probe before the first check).
+    message_lines: Literal["auto", "body", "code"] = "auto"
 
 
 @dataclasses.dataclass

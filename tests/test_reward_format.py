@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from kimina_jax.reward import FormatError, FormatThresholds, check_format
+from kimina_jax.reward.format import STOPWORDS
 
 STATEMENT = "import Mathlib\n\nopen Nat\n\ntheorem t (n : ℕ) : n + 0 = n := by sorry"
 THEOREM = "theorem t (n : ℕ) : n + 0 = n := by"
@@ -85,6 +86,34 @@ def test_repetition_boundaries(think: str) -> None:
 def test_repetition_counts_lines_case_insensitively() -> None:
     think = f"{SIGNIFICANT}\n" * 3 + f"{SIGNIFICANT.upper()}\n" * 3 + two_tactics()
     assert check_format([{"role": "assistant", "content": response(think=think)}], STATEMENT) is FormatError.REPEATS
+
+
+def test_stopwords_are_exactly_the_original_recipes_109_words() -> None:
+    spec_list = """a, again, all, an, and, any, are, as, assume, at, be, because, been, but, by, choose, claim,
+    clearly, conclude, consider, corollary, define, definition, each, either, every, evidently, example, exist,
+    exists, finally, first, fix, for, from, furthermore, get, given, have, he, hence, her, his, i, if, iff,
+    implies, imply, in, is, it, its, lastly, lemma, let, moreover, next, no, not, note, notice, now, observe,
+    obtain, obviously, of, on, one, only, or, otherwise, proof, proposition, qed, remark, second, see, set, she,
+    since, so, such, suppose, take, than, that, the, their, then, theorem, there, therefore, these, they, third,
+    this, those, three, thus, to, two, was, we, were, with, wlog, yes, you, your"""  # SPEC 6 rule 5
+    expected = {word.strip() for word in spec_list.split(",")}
+    assert len(expected) == 109
+    assert STOPWORDS == expected
+
+
+# Word tokens (`\b\w+\b` of the lower-cased line), stopwords marked *:
+# 1. we* should also check which values make both sides equal here: 10 others -> significant.
+#    (Our old list also stopped should, also, which, both, here: 5 left, not significant.)
+# 2. lastly* wlog* the* corollary* proposition* exists* otherwise* simp rewrites x_1 0 into x_1 by* nat add zero:
+#    9 others (x_1 is one token, `+` none) -> not significant. (The old list stopped only the, into, by: 14 left.)
+@pytest.mark.parametrize("line, expected", [
+    ("We should also check which values make both sides equal here", FormatError.REPEATS),
+    ("Lastly wlog the corollary proposition exists otherwise simp rewrites x_1 + 0 into x_1 by nat add zero",
+     FormatError.NONE),
+], ids=["10 tokens without the original's stopwords", "9 tokens without the original's stopwords"])
+def test_repetition_threshold_counts_the_original_stopwords(line: str, expected: FormatError) -> None:
+    think = f"{line}\n" * 6 + two_tactics()
+    assert check_format([{"role": "assistant", "content": response(think=think)}], STATEMENT) is expected
 
 
 def test_coverage_threshold_is_seventy_percent_of_distinct_lines() -> None:

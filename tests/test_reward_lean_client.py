@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from kimina_jax.config import load_config
 from kimina_jax.errors import KiminaError
 from kimina_jax.reward import LeanClient
+from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.lean_text import split_header
-from tests.lean_harness.server import FaultProxy, LeanServer, free_port
+from kimina_jax.reward.rewarder import Rewarder
+from tests.lean_harness.server import CodeLinesProxy, FaultProxy, LeanServer, free_port
 
 FIXTURE = Path(__file__).parent / "fixtures/lean_verdicts_sample.jsonl"
 EXPECTED_STATUS = {"pass": "valid", "fail": "lean_error", "sorry": "sorry", "timeout": "timeout"}
@@ -29,7 +32,7 @@ def valid(i: int, directive: str = "") -> str:
 
 
 def client(url: str, **options: object) -> LeanClient:
-    options = {"timeout_s": 20, "backoff_s": 0.05, **options}
+    options = {"timeout_s": 20, "backoff_s": 0.05, "message_lines": "body", **options}
     return LeanClient(url, **options)
 
 
@@ -68,6 +71,76 @@ def test_identical_codes_are_checked_once(lean_server: LeanServer) -> None:
         assert lean.cache_hit_rate == pytest.approx(4 / 6)
     assert [v.status for v in first] == ["valid", "valid", "sorry", "valid"]
     assert again == [first[2], first[0]]
+
+
+@pytest.mark.lean_server
+def test_only_leans_judgements_are_cached(lean_server: LeanServer) -> None:
+    slow = valid(1, "-- standin: sleep-once 4\n")  # times out the first time only
+    broken = valid(2, "-- standin: repl-error-once\n")  # a REPL-level error the first time only
+    judged = [valid(3), "theorem s : True := by sorry", "theorem e : True := by\n  exact (trivial"]
+    with client(lean_server.url, timeout_s=2) as lean:
+        first = lean.check_sync([slow, broken, *judged])
+        assert [v.status for v in first] == ["timeout", "repl_error", "valid", "sorry", "lean_error"]
+        assert lean.requests == 1
+        again = lean.check_sync([slow, broken, *judged])
+        assert lean.requests == 2 and lean.cache_hits == 3  # only the two transient failures went back
+    assert [v.status for v in again] == ["valid", "valid", "valid", "sorry", "lean_error"]
+    assert again[2:] == first[2:]
+
+
+# Lines 1-3 are the import header; the stand-in flags the unclosed `(` on line 6 (line 3 of the body).
+FAILING = ("import Mathlib\nimport Aesop\n\ntheorem t (n : ℕ) : n + 0 = n := by\n  have h : n + 0 = n := by simp\n"
+           "  exact (h\n  -- done\n  -- really")
+HEAD = ("# Error 1:\nError message: \nunexpected token '(' (stand-in rule: unbalanced bracket)\n\n"
+        "Lean 4 code snippet with error:\n```lean4\n")
+FEEDBACK = {
+    "body": HEAD + ("001  | theorem t (n : ℕ) : n + 0 = n := by\n002  |   have h : n + 0 = n := by simp\n"
+                    "003 >|   exact (h\n004  |   -- done\n005  |   -- really\n```\n"),
+    "code": HEAD + ("004  | theorem t (n : ℕ) : n + 0 = n := by\n005  |   have h : n + 0 = n := by simp\n"
+                    "006 >|   exact (h\n007  |   -- done\n008  |   -- really\n```\n"),
+}
+# kimina-ast-server 2.1.3 as it is (lines from the body), and as upstream main since #56 (from the top).
+SERVER_AS = {"body": FaultProxy, "code": CodeLinesProxy}
+
+
+@pytest.mark.lean_server
+@pytest.mark.parametrize("convention", ["body", "code"])
+def test_message_lines_auto_marks_the_error_line(lean_server: LeanServer, convention: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kimina_jax.reward.lean_client")
+    with SERVER_AS[convention](lean_server.url) as server, client(server.url, message_lines="auto") as lean:
+        verdict = lean.check_sync([FAILING])[0]
+        assert lean.message_lines == convention
+        assert lean.requests == server.requests == 2  # the probe, then the snippet
+        lean.check_sync([valid(4)])
+        assert server.requests == 3  # probed once
+    assert build_feedback(FAILING, verdict) == FEEDBACK[convention]
+    assert f"auto -> '{convention}'" in caplog.text
+
+
+@pytest.mark.lean_server
+@pytest.mark.parametrize("convention, setting, lines", [
+    # Body line 3 read as line 3 of the whole code: the blank line after the imports.
+    ("body", "code", "001  | import Mathlib\n002  | import Aesop\n003 >| \n"
+                     "004  | theorem t (n : ℕ) : n + 0 = n := by\n005  |   have h : n + 0 = n := by simp\n```\n"),
+    # Code line 6 read as line 6 of the 5-line body: past its end, nothing marked.
+    ("code", "body", "004  |   -- done\n005  |   -- really\n```\n"),
+])
+def test_a_wrong_message_lines_setting_marks_the_wrong_line(lean_server: LeanServer, convention: str, setting: str,
+                                                           lines: str) -> None:
+    with SERVER_AS[convention](lean_server.url) as server, client(server.url, message_lines=setting) as lean:
+        verdict = lean.check_sync([FAILING])[0]
+    assert build_feedback(FAILING, verdict) == HEAD + lines
+
+
+def test_message_lines_setting_reaches_the_client() -> None:
+    assert load_config("tiny", env={}).verifier.message_lines == "auto"
+    with pytest.raises(KiminaError, match="'verifier.message_lines' must be one of 'auto', 'body', 'code'"):
+        load_config("tiny", ["verifier.message_lines=lines"], env={})
+    cfg = load_config("tiny", ["verifier.message_lines=code"], env={"LEAN_SERVER_API_URL": "http://127.0.0.1:9"})
+    verifier = Rewarder.from_config(cfg.verifier, cfg.reward.format).verifier
+    with verifier:
+        assert isinstance(verifier, LeanClient) and verifier.message_lines == "code"
 
 
 @pytest.mark.lean_server
@@ -170,7 +243,7 @@ def test_server_down_gives_unverified_never_a_verdict() -> None:
     with LeanClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.01) as lean:
         assert not lean.health()
         verdicts = lean.check_sync([valid(1), valid(2)])
-        assert lean.requests == 3
+        assert lean.requests == 3 and lean.message_lines == "auto"  # each try was a failed probe; none settled it
     assert [v.status for v in verdicts] == ["unverified", "unverified"]
     assert "ConnectError" in verdicts[0].error and not verdicts[0].is_verified
 

@@ -33,17 +33,15 @@ FormatThresholds = FormatConfig
 DEFAULT_THRESHOLDS = FormatThresholds()
 
 
-# Words that carry little meaning in a line of mathematical reasoning (compared lower-cased).
+# The original recipe's 109 single-word stopwords (SPEC 6 rule 5); its phrases and symbols never equal a `\w+` token.
 STOPWORDS = frozenset(
     """
-    a an the and or but nor not no yes if then else so than too very only also just of to in on at by for with from
-    into onto over under as about between through is are was were be been being am do does did done has have had
-    having it its this that these those there here their them they we us our you your i me my he him his she her
-    which who whom whose what when where why how all any each every either both some such other another same own
-    can could will would shall should may might must let lets assume suppose consider take fix define set choose
-    given since because hence thus therefore implies imply iff get gets got obtain see note notice observe
-    clearly obviously now next finally first second third one two three again further furthermore moreover
-    theorem lemma proof claim example definition remark qed
+    a again all an and any are as assume at be because been but by choose claim clearly conclude consider corollary
+    define definition each either every evidently example exist exists finally first fix for from furthermore get
+    given have he hence her his i if iff implies imply in is it its lastly lemma let moreover next no not note notice
+    now observe obtain obviously of on one only or otherwise proof proposition qed remark second see set she since so
+    such suppose take than that the their then theorem there therefore these they third this those three thus to two
+    was we were with wlog yes you your
     """.split()
 )
 

@@ -9,6 +9,13 @@ How a server reply becomes a `Verdict` (SPEC 6):
   retries (connection refused, HTTP 429/5xx/499/504, transport timeout). Neither judges the proof: the trainer
   leaves them out of the loss and of accuracy (`Verdict.is_verified` is False).
 HTTP 401 (bad or missing key), 422 (bad request) and other client errors are not retried: they raise KiminaError.
+Only Lean's own judgements (`valid`, `sorry`, `lean_error`) are cached: a timeout under load, a REPL error or an
+unanswered snippet is checked again when the same code comes back.
+
+Message line numbers count from the code after its import header on server 2.0.0 and kimina-ast-server 2.1.3,
+and from the top of the snippet on upstream builds since 2025-10-24 that still report 2.0.0 (SPEC 11). With
+`message_lines="auto"` the client sends `PROBE_CODE`, whose error line is known, before its first request and
+keeps the convention the answer shows.
 
 The client runs its own event loop in a background thread with one pooled `httpx.AsyncClient`, so the trainer can
 `submit()` snippets as completions arrive and collect verdicts later, call `check_sync()` from plain code, or
@@ -36,6 +43,11 @@ from kimina_jax.types import Verdict
 logger = logging.getLogger(__name__)
 
 RETRYABLE_HTTP_STATUSES = frozenset({408, 425, 429, 499, 500, 502, 503, 504})
+CACHED_STATUSES = frozenset({"valid", "sorry", "lean_error"})  # Lean's judgements; the rest may change on a retry
+# The stray `)` is an error on line 2 of the body (Lean and the stand-in agree), line 4 of the whole snippet.
+PROBE_CODE = ("import Mathlib\n\n-- kimina-jax: on which line does the server report the error below?\n"
+              "example : True := trivial)")
+PROBE_ERROR_LINE = {"body": 2, "code": 4}
 
 
 def verdict_from_result(result: dict, line_offset: int) -> Verdict | None:
@@ -117,9 +129,13 @@ class LeanClient(Verifier):
     max_in_flight requests at once, `retries` retries per snippet with exponential backoff (backoff_s doubling,
     capped at backoff_max_s, jitter x0.5..1.5). http_timeout_s: transport timeout of one request; the default
     outlasts the server's own safety timeout (timeout_s x snippets + 10 s) so the server gives up first.
-    cache_size: verdicts kept by exact code (0 disables). message_lines: what the server's message line numbers
-    count from: "body" (the code after its import header: server 2.0.0 and kimina-ast-server 2.1.3) or "code"
-    (the whole snippet: later upstream builds that shift them back).
+    cache_size: Lean's judgements kept by exact code (0 disables). message_lines: what the server's message line
+    numbers count from: "body" (the code after its import header: server 2.0.0 and kimina-ast-server 2.1.3),
+    "code" (the whole snippet: later upstream builds that shift them back), or "auto": probe the server lazily,
+    just before the first request, so constructing the client never needs the server. A probe that gets no usable
+    answer (server down, busy, timed out) is tried again with the next request, and that request's snippets are
+    retried as if it had failed; an answer that fits neither convention, or HTTP 401/422, raises KiminaError from
+    the verdicts' futures.
     """
 
     def __init__(
@@ -135,7 +151,7 @@ class LeanClient(Verifier):
         backoff_max_s: float = 30.0,
         http_timeout_s: float | None = None,
         cache_size: int = 100_000,
-        message_lines: Literal["body", "code"] = "body",
+        message_lines: Literal["auto", "body", "code"] = "auto",
         batch_linger_s: float = 0.02,
     ) -> None:
         if not url.startswith(("http://", "https://")):
@@ -145,8 +161,8 @@ class LeanClient(Verifier):
                 raise KiminaError(f"LeanClient {name}: must be >= 1, got {value}")
         if retries < 0 or cache_size < 0:
             raise KiminaError(f"LeanClient retries / cache_size: must be >= 0, got {retries} / {cache_size}")
-        if message_lines not in ("body", "code"):
-            raise KiminaError(f"LeanClient message_lines: expected 'body' or 'code', got {message_lines!r}")
+        if message_lines not in ("auto", "body", "code"):
+            raise KiminaError(f"LeanClient message_lines: expected 'auto', 'body' or 'code', got {message_lines!r}")
         self.url = url.rstrip("/")
         self.timeout_s = int(timeout_s)
         self.batch_size = batch_size
@@ -186,6 +202,7 @@ class LeanClient(Verifier):
     async def _start(self) -> None:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._probe_lock = asyncio.Lock()
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
@@ -260,17 +277,23 @@ class LeanClient(Verifier):
         except Exception as exc:  # a bug here must not leave futures waiting forever
             self._fail(jobs, exc)
 
-    async def _post(self, jobs: list[_Job]) -> None:
-        payload = {
-            "snippets": [{"id": str(i), "code": job.code} for i, job in enumerate(jobs)],
+    def _payload(self, codes: list[str]) -> dict:
+        return {
+            "snippets": [{"id": str(i), "code": code} for i, code in enumerate(codes)],
             "timeout": self.timeout_s,
             "debug": False,
             "reuse": True,
             "infotree": None,
         }
-        self.requests += 1
+
+    async def _post(self, jobs: list[_Job]) -> None:
         try:
-            response = await self._http.post("/api/check", json=payload)
+            unsure = await self._probe() if self.message_lines == "auto" else None
+            if unsure:
+                self._retry(jobs, unsure, "unverified")
+                return
+            self.requests += 1
+            response = await self._http.post("/api/check", json=self._payload([job.code for job in jobs]))
         except httpx.TransportError as exc:
             self._retry(jobs, f"{type(exc).__name__} talking to {self.url}: {exc}".rstrip(": "), "unverified")
             return
@@ -297,6 +320,33 @@ class LeanClient(Verifier):
             self._retry(jobs, reason, "unverified")
         else:
             self._fail(jobs, self._client_error(response))
+
+    async def _probe(self) -> str | None:
+        """Settle message_lines "auto" with PROBE_CODE; the reason when the server's answer could not tell."""
+        async with self._probe_lock:
+            if self.message_lines != "auto":  # settled by another request while this one waited
+                return None
+            self.requests += 1
+            response = await self._http.post("/api/check", json=self._payload([PROBE_CODE]))
+            if response.status_code in RETRYABLE_HTTP_STATUSES:
+                return f"HTTP {response.status_code} from {self.url}/api/check to the line-number probe"
+            if response.status_code != 200:
+                raise self._client_error(response)
+            result = (self._results_by_id(response) or {}).get("0", {})
+            verdict = verdict_from_result(result, 0)
+            if verdict is None or verdict.status in ("timeout", "repl_error"):
+                return f"no usable answer to the line-number probe from {self.url}: {result!r:.200}"
+            lines = [(m.get("pos") or {}).get("line") for m in verdict.messages if m.get("severity") == "error"]
+            picked = {line: name for name, line in PROBE_ERROR_LINE.items()}.get(lines[0] if lines else None)
+            if picked is None:
+                raise KiminaError(
+                    f"verifier.message_lines 'auto': the Lean server {self.url} reported error lines {lines} for a "
+                    f"probe whose error is on line {PROBE_ERROR_LINE['body']} of its body, "
+                    f"{PROBE_ERROR_LINE['code']} of the whole snippet; set verifier.message_lines to 'body' or 'code'")
+            self.message_lines = picked
+            logger.info("Lean server %s counts message lines from the %s (probe): verifier.message_lines auto -> %r",
+                        self.url, "code after the imports" if picked == "body" else "top of the snippet", picked)
+            return None
 
     @staticmethod
     def _results_by_id(response: httpx.Response) -> dict[str, dict] | None:
@@ -343,7 +393,7 @@ class LeanClient(Verifier):
     def _finish(self, job: _Job, verdict: Verdict) -> None:
         self._in_flight.pop(job.code, None)
         self.status_counts[verdict.status] += 1
-        if verdict.is_verified and self.cache_size:
+        if verdict.status in CACHED_STATUSES and self.cache_size:
             self._cache[job.code] = verdict
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -49,7 +49,7 @@ class Rewarder:
             verifier = LeanClient(
                 verifier_cfg.url, verifier_cfg.api_key, timeout_s=verifier_cfg.timeout_s,
                 batch_size=verifier_cfg.batch_size, max_in_flight=verifier_cfg.max_in_flight,
-                retries=verifier_cfg.retries,
+                retries=verifier_cfg.retries, message_lines=verifier_cfg.message_lines,
             )
         return cls(verifier, format_cfg)
 

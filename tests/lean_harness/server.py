@@ -151,6 +151,8 @@ class FaultProxy:
                     reply = httpx.request(method, proxy.upstream + self.path, content=body, headers=headers,
                                           timeout=600)
                     status, data = reply.status_code, reply.content
+                    if status == 200:
+                        data = proxy.rewrite(self.path, body, data)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -167,6 +169,10 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    def rewrite(self, path: str, request: bytes, reply: bytes) -> bytes:
+        """The upstream server's reply body as the client gets it (unchanged here)."""
+        return reply
+
     def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
@@ -174,3 +180,31 @@ class FaultProxy:
     def __exit__(self, *exc_info: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class CodeLinesProxy(FaultProxy):
+    """Makes kimina-ast-server 2.1.3 count message lines as upstream main since 2025-10-24 does (SPEC 11).
+
+    That build's fix (#56, `_apply_header_offset` in server/routers/check.py) shifts the REPL's message and sorry
+    lines by the count of leading import and blank lines it split off. The REPL only ever sees the body, so the
+    shift is done here, on the /api/check replies, as the server does it (sorries only when there are messages).
+    """
+
+    def rewrite(self, path: str, request: bytes, reply: bytes) -> bytes:
+        if path != "/api/check":
+            return reply
+        codes = {s["id"]: s["code"] for s in json.loads(request)["snippets"]}
+        answer = json.loads(reply)
+        for result in answer["results"]:
+            response = result.get("response")
+            if result.get("error") is not None or not response or not response.get("messages"):
+                continue
+            lines = codes[result["id"]].splitlines()
+            offset = 0
+            while offset < len(lines) and (not lines[offset].strip() or lines[offset].strip().startswith("import ")):
+                offset += 1
+            for entry in response["messages"] + (response.get("sorries") or []):
+                for key in ("pos", "endPos"):
+                    if entry.get(key):
+                        entry[key]["line"] += offset
+        return json.dumps(answer).encode()

@@ -7,9 +7,11 @@ for recorded codes, else simple rules), so the local stand-in verifier and this 
 
 Tests steer it with comment lines in the snippet (Lean ignores comments, so these pass through the server):
   -- standin: sleep SECONDS   answer after a pause
+  -- standin: sleep-once SECONDS   pause only the first time this exact text is seen (state as for crash-once)
   -- standin: crash           exit without answering
   -- standin: crash-once      crash the first time this exact text is seen (state in $KIMINA_STANDIN_STATE_DIR)
   -- standin: garbage         answer with text that is not JSON
+  -- standin: repl-error-once answer with a REPL-level error (`{"message": ...}`) the first time this text is seen
 Environment: KIMINA_STANDIN_VERDICTS (recorded-verdicts jsonl files, os.pathsep-separated).
 """
 from __future__ import annotations
@@ -70,12 +72,16 @@ def main() -> None:
             _answer(json.dumps({"message": f"stand-in REPL: could not parse the command ({exc})"}))
             continue
         for action, argument in _DIRECTIVE_RE.findall(text):
-            if action == "sleep":
+            if action == "sleep" or (action == "sleep-once" and _first_time(text)):
                 _sleep_unless_orphaned(float(argument))
             elif action == "crash" or (action == "crash-once" and _first_time(text)):
                 os._exit(1)
-        if any(action == "garbage" for action, _ in _DIRECTIVE_RE.findall(text)):
+        actions = {action for action, _ in _DIRECTIVE_RE.findall(text)}
+        if "garbage" in actions:
             _answer("stand-in REPL garbage: this is not JSON")
+            continue
+        if "repl-error-once" in actions and _first_time(text):
+            _answer(json.dumps({"message": "stand-in REPL: a one-off REPL-level error"}))
             continue
         answer = standin_answer(text, recorded)
         if answer is TIMES_OUT:
