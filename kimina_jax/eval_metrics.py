@@ -1,4 +1,4 @@
-"""Per-problem sample metrics of SPEC 8: unbiased pass@k, mean@n and verl's bootstrap best@k."""
+"""Per-problem sample metrics of SPEC 8: unbiased pass@k, and verl's mean@n, std@n and bootstrap best@k / worst@k."""
 from __future__ import annotations
 
 import math
@@ -16,13 +16,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def best_at_k(values: Sequence[float], k: int, n_bootstrap: int = 1000, seed: int = 42) -> float:
-    """verl's best@k/mean: mean over bootstrap resamples (size k, with replacement) of the max."""
-    rng = np.random.RandomState(seed)
+def bootstrap_extremes(values: Sequence[float], k: int, n_bootstrap: int = 1000, seed: int = 42) -> dict[str, float]:
+    """verl's `best@k/{mean,std}` and `worst@k/{mean,std}`: over `n_bootstrap` resamples (size k, with replacement),
+    the mean and population std of each resample's max and min."""
     values = np.asarray(values, dtype=np.float64)
-    # verl draws each resample with np.random.choice under np.random.seed(seed); RandomState(seed) is the same stream.
-    draws = [values[rng.choice(len(values), size=k, replace=True)].max() for _ in range(n_bootstrap)]
-    return float(np.mean(draws))
+    # verl reseeds the global RNG with `seed` for each k and draws resample after resample with np.random.choice;
+    # one (n_bootstrap, k) draw from RandomState(seed) is that same stream, row by row.
+    draws = values[np.random.RandomState(seed).choice(len(values), size=(n_bootstrap, k), replace=True)]
+    best, worst = draws.max(axis=1), draws.min(axis=1)
+    return {
+        f"best@{k}/mean": float(best.mean()), f"best@{k}/std": float(best.std()),
+        f"worst@{k}/mean": float(worst.mean()), f"worst@{k}/std": float(worst.std()),
+    }
 
 
 def bootstrap_sizes(n: int) -> list[int]:
@@ -37,16 +42,17 @@ def bootstrap_sizes(n: int) -> list[int]:
 def problem_metrics(values: Sequence[float], n: int, ks: Sequence[int] = ()) -> dict[str, float]:
     """One problem's metrics from the 0/1 values of its judged samples (at most `n`; unjudged ones left out).
 
-    Names count the samples asked for (`n`), as the values may be fewer: mean@n, best@k/mean for verl's sizes
-    and for `ks` (bootstrap of the values present), pass@k for `ks` (only when at least k values are present: the
-    unbiased estimator needs k of them). No values: no metrics.
+    Names count the samples asked for (`n`), as the values may be fewer: mean@n, and when n > 1 std@n (population
+    std) and best@k / worst@k {mean, std} for verl's sizes and for `ks` (bootstrap of the values present); pass@k
+    for `ks` (only when at least k values are present: the unbiased estimator needs k of them). No values: no metrics.
     """
     if not values:
         return {}
     out = {f"mean@{n}": float(np.mean(values))}
     if n > 1:
+        out[f"std@{n}"] = float(np.std(values))
         for k in sorted(set(bootstrap_sizes(n)) | set(ks)):
-            out[f"best@{k}/mean"] = best_at_k(values, k)
+            out.update(bootstrap_extremes(values, k))
     correct = int(round(sum(values)))
     for k in ks:
         if k <= len(values):

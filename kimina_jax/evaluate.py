@@ -1,4 +1,5 @@
-"""MiniF2F evaluation: pass@k, mean@n and best@k, with and without the error-fix turn (SPEC 8).
+"""MiniF2F evaluation: pass@k and verl's mean@n, std@n, best@k and worst@k, with and without the error-fix turn
+(SPEC 8).
 
     python -m kimina_jax.evaluate --model <HF folder | run folder | checkpoint step folder> \\
         --dataset <minif2f file | hub name> --split test --n 32 --k 1,8,32 [--error-fix] [--engine vllm|jax] \\
@@ -7,7 +8,8 @@
 Every problem gets `n` samples (turn 1). With `--error-fix`, every failed turn-1 sample whose Lean feedback makes a
 turn-2 prompt (SPEC 7: feedback non-empty and at most --max-feedback-chars, prompt within --max-prompt-length) gets
 ONE fix attempt: one sample for the prompt original messages + its response + the feedback. Per sample:
-`acc_turn_1` = solved at turn 1; `acc_turn_2` = solved at turn 1 or by its fix ("solved within one fix").
+`acc_turn_1` = solved at turn 1; `acc_turn_2` = solved at turn 1 or by its fix ("solved within one fix"). The
+headline `acc` is always turn 1, as in the original: the fix turn shows only under `acc_turn_2`.
 Samples whose verification could not be done (`unverified`, `server_error`) are counted and left out, never
 scored as failures; a fix that could not be verified leaves its sample out of acc_turn_2 only.
 
@@ -119,21 +121,22 @@ def summarize(
 ) -> tuple[dict[str, dict[str, float]], dict[Any, dict[str, dict[str, float]]]]:
     """(averaged, per problem) metrics of each variable, from `turn_values` of every problem.
 
-    Variables: `acc_turn_1`, with error-fix `acc_turn_2`, and `acc`: the headline accuracy, which is
-    `acc_turn_2` (solved within one fix) when error-fix is on, else `acc_turn_1`. Averages are over the problems
-    that have the metric (a problem with no verified sample has none).
+    Variables: `acc_turn_1`, with error-fix `acc_turn_2`, and `acc`: the headline accuracy, always `acc_turn_1`
+    (the original never folds the fix turn into it). Averages are over the problems that have the metric (a
+    problem with no verified sample has none).
     """
     names = ["acc_turn_1", "acc_turn_2"] if error_fix else ["acc_turn_1"]
     per_problem = {
         problem: {name: problem_metrics(vals[name], n, ks) for name in names} for problem, vals in values.items()
     }
     averaged = {name: average_metrics({p: m[name] for p, m in per_problem.items()}) for name in names}
-    averaged["acc"] = averaged[names[-1]]
+    averaged["acc"] = averaged["acc_turn_1"]
     return averaged, per_problem
 
 
 def val_metric_names(averaged: Mapping[str, Mapping[str, float]], data_source: str, n: int) -> dict[str, float]:
-    """verl's names: `val-core/<source>/acc/{mean@n, best@n/mean}`, everything else under `val-aux/<source>/`."""
+    """verl's names and split: `val-core/<source>/acc/{mean@n, best@n/mean, best@n/std}` (verl's rule: the core
+    variable's mean / maj / best at the largest size), everything else under `val-aux/<source>/<variable>/`."""
     out = {}
     for var, metrics in averaged.items():
         for name, value in metrics.items():
@@ -207,8 +210,9 @@ def validate(
     per failed sample with feedback. Returns the metrics under verl's names and every sample (turn 1, then the
     fixes; a fix carries its turn-1 sample's indices).
 
-    `val-core/<source>/acc/...` is acc_turn_2 (solved within one fix) when `error_fix`, else acc_turn_1; both are
-    also under `val-aux/<source>/acc_turn_{1,2}/...`. pass@k for `ks` (default: n), unverified counts too.
+    `val-core/<source>/acc/...` is turn-1 accuracy, with or without `error_fix`; `val-aux/<source>/acc_turn_1/...`
+    is the same and `val-aux/<source>/acc_turn_2/...` solved within one fix. pass@k for `ks` (default: n),
+    unverified counts too.
     """
     n = params.n
     bar = lambda turn: f"validate turn {turn}" if progress else None  # noqa: E731
@@ -562,20 +566,21 @@ def store_summary(
 
 
 def format_table(summary: dict) -> str:
-    """The printed result: one row per turn, mean@n, pass@k and best@k in percent."""
+    """The printed result: one row per turn (`acc` = turn 1, then `acc_turn_2`), mean@n, pass@k, best@k in percent."""
     n, ks = summary["n"], summary["k"]
     columns = [f"mean@{n}", *(f"pass@{k}" for k in ks), *(f"best@{k}/mean" for k in ks if k > 1)]
-    rows = [("turn 1", "acc_turn_1")] + ([("within one fix", "acc_turn_2")] if summary["error_fix"] else [])
+    rows = [("acc (turn 1)", "acc")] + ([("acc_turn_2 (within one fix)", "acc_turn_2")] if summary["error_fix"] else [])
     width = max(len(c) for c in columns) + 2
+    label_width = max(len(label) for label, _ in rows)
     lines = [
         f"{summary['data_source']}: {summary['problems']} problems, n={n} samples each, "
         f"verifier: {summary['verifier']}",
-        f"{'':16}" + "".join(f"{c.removesuffix('/mean'):>{width}}" for c in columns),
+        f"{'':{label_width}}" + "".join(f"{c.removesuffix('/mean'):>{width}}" for c in columns),
     ]
     for label, var in rows:
         metrics = summary["metrics"][var]
         cells = [f"{100 * metrics[c]:.2f}%" if c in metrics else "-" for c in columns]
-        lines.append(f"{label:16}" + "".join(f"{cell:>{width}}" for cell in cells))
+        lines.append(f"{label:{label_width}}" + "".join(f"{cell:>{width}}" for cell in cells))
     counts = summary["counts"]
     lines.append(
         f"unverified samples (left out): turn 1: {counts.get('unverified_turn_1', 0)}, "

@@ -27,10 +27,11 @@ from flax import nnx
 from kimina_jax.checkpoint import Checkpointer, write_model_files
 from kimina_jax.config import DatasetConfig, TinyModelConfig
 from kimina_jax.data import PromptRenderer, build_fix_prompts, build_tiny_tokenizer, load_prompt_dataset
-from kimina_jax.eval_metrics import best_at_k, problem_metrics
+from kimina_jax.eval_metrics import bootstrap_extremes, problem_metrics
 from kimina_jax.evaluate import (
     Outcome,
     fix_targets,
+    format_table,
     main,
     pass_at_k,
     summarize,
@@ -76,29 +77,58 @@ def test_pass_at_k_edges():
         pass_at_k(4, 1, 5)
 
 
-def verl_best_at_k(values: list[float], k: int) -> float:
-    """verl's bootstrap_metric(..., reduce_fns=[np.max]) mean, written as verl writes it: the global RNG."""
+def verl_bootstrap(values: list[float], k: int) -> dict[str, float]:
+    """verl's bootstrap_metric(..., reduce_fns=[np.max, np.min]) as verl writes it: the global RNG seeded with 42,
+    1000 resamples drawn one by one, both statistics of each resample, then np.mean and np.std of each list."""
     np.random.seed(42)
-    maxima = [max(values[i] for i in np.random.choice(len(values), size=k, replace=True)) for _ in range(1000)]
-    return float(np.mean(maxima))
+    maxima, minima = [], []
+    for _ in range(1000):
+        resample = [values[i] for i in np.random.choice(len(values), size=k, replace=True)]
+        maxima.append(max(resample))
+        minima.append(min(resample))
+    return {
+        f"best@{k}/mean": np.mean(maxima), f"best@{k}/std": np.std(maxima),
+        f"worst@{k}/mean": np.mean(minima), f"worst@{k}/std": np.std(minima),
+    }
 
 
 @pytest.mark.parametrize("values", [[0, 0, 1, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 0], [0] * 8, [1] * 4, [0, 1]])
-def test_best_at_k_is_verls_bootstrap(values):
+def test_bootstrap_extremes_are_verls_bootstrap(values):
     for k in (1, 2, 4, 8, 16):
-        ours = best_at_k(values, k)
-        assert ours == verl_best_at_k(values, k)
-        # And near its expectation, 1 - (1 - c/m)^k, within 4 standard errors of a 1000-draw mean.
-        expected = 1 - (1 - sum(values) / len(values)) ** k
-        assert abs(ours - expected) <= 4 * np.sqrt(expected * (1 - expected) / 1000) + 1e-12
+        ours = bootstrap_extremes(values, k)
+        assert ours == pytest.approx(verl_bootstrap(values, k), abs=1e-12)
+        # And near their expectations, 1 - (1 - c/m)^k and (c/m)^k, within 4 standard errors of a 1000-draw mean;
+        # a 0/1 statistic with mean p has population std sqrt(p (1 - p)).
+        p = sum(values) / len(values)
+        for name, expected in ((f"best@{k}", 1 - (1 - p) ** k), (f"worst@{k}", p**k)):
+            assert abs(ours[f"{name}/mean"] - expected) <= 4 * np.sqrt(expected * (1 - expected) / 1000) + 1e-12
+            mean = ours[f"{name}/mean"]
+            assert ours[f"{name}/std"] == pytest.approx(np.sqrt(mean * (1 - mean)), abs=1e-12)
+
+
+def test_bootstrap_extremes_of_equal_values_have_no_spread():
+    assert bootstrap_extremes([1.0] * 5, 4) == {"best@4/mean": 1.0, "best@4/std": 0.0, "worst@4/mean": 1.0,
+                                                "worst@4/std": 0.0}
 
 
 def test_problem_metrics_names_count_the_samples_asked_for():
-    metrics = problem_metrics([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], n=8, ks=(1, 8))  # one of 8 left out
-    assert set(metrics) == {"mean@8", "best@1/mean", "best@2/mean", "best@4/mean", "best@8/mean", "pass@1"}
+    values = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # one of 8 left out
+    metrics = problem_metrics(values, n=8, ks=(1, 8))
+    bootstrap = {f"{side}@{k}/{stat}" for side in ("best", "worst") for k in (1, 2, 4, 8) for stat in ("mean", "std")}
+    assert set(metrics) == {"mean@8", "std@8", "pass@1"} | bootstrap
     assert metrics["mean@8"] == pytest.approx(2 / 7)
+    assert metrics["std@8"] == pytest.approx(np.sqrt(2 / 7 * 5 / 7))  # population std of 2 ones among 7
+    assert metrics["worst@4/std"] == pytest.approx(verl_bootstrap(values, 4)["worst@4/std"], abs=1e-12)
     assert metrics["pass@1"] == pytest.approx(2 / 7)  # pass@8 needs 8 judged samples: left out
     assert problem_metrics([], n=8, ks=(1,)) == {}
+
+
+def test_std_and_bootstrap_sizes_follow_verl():
+    assert problem_metrics([0.0, 1.0, 1.0, 0.0], n=4)["std@4"] == 0.5  # deviations all 1/2
+    assert problem_metrics([1.0], n=1) == {"mean@1": 1.0}  # one sample: no spread, no bootstrap
+    # verl's sizes: powers of two below n, then n itself.
+    sizes = {int(name.split("@")[1].split("/")[0]) for name in problem_metrics([0.0, 1.0] * 3, n=6) if "@" in name}
+    assert sizes == {2, 4, 6}
 
 
 # ---------------------------------------------------------------------------------------------- turn 2
@@ -115,23 +145,55 @@ def test_turn_values_count_solved_within_one_fix():
     assert turn_values(pairs) == {"acc_turn_1": [1, 0, 0, 0, 0], "acc_turn_2": [1, 1, 0, 0]}
 
 
-def test_headline_acc_is_turn_2_with_error_fix_else_turn_1():
-    values = {
-        "a": {"acc_turn_1": [0.0, 1.0], "acc_turn_2": [1.0, 1.0]},
-        "b": {"acc_turn_1": [0.0, 0.0], "acc_turn_2": [0.0, 1.0]},
-    }
-    with_fix, per_problem = summarize(values, 2, (1, 2), error_fix=True)
-    assert with_fix["acc"] == with_fix["acc_turn_2"]
+VALUES = {  # per problem: turn 1 solves 1 of 4 samples, within one fix 3 of 4
+    "a": {"acc_turn_1": [0.0, 1.0], "acc_turn_2": [1.0, 1.0]},
+    "b": {"acc_turn_1": [0.0, 0.0], "acc_turn_2": [0.0, 1.0]},
+}
+
+
+def test_headline_acc_is_turn_1_with_or_without_error_fix():
+    with_fix, per_problem = summarize(VALUES, 2, (1, 2), error_fix=True)
+    assert with_fix["acc"] == with_fix["acc_turn_1"]
     assert with_fix["acc_turn_1"]["mean@2"] == 0.25 and with_fix["acc_turn_2"]["mean@2"] == 0.75
     assert with_fix["acc_turn_2"]["pass@2"] == 1.0 and per_problem["b"]["acc_turn_1"]["pass@2"] == 0.0
     names = val_metric_names(with_fix, "minif2f_test", 2)
-    assert names["val-core/minif2f_test/acc/mean@2"] == 0.75
-    assert names["val-core/minif2f_test/acc/best@2/mean"] == with_fix["acc_turn_2"]["best@2/mean"]
-    assert names["val-aux/minif2f_test/acc_turn_1/best@2/mean"] == with_fix["acc_turn_1"]["best@2/mean"]
-    assert names["val-aux/minif2f_test/acc_turn_2/best@2/mean"] == with_fix["acc_turn_2"]["best@2/mean"]
-    assert "val-aux/minif2f_test/acc/pass@2" in names and "val-core/minif2f_test/acc/pass@2" not in names
-    without_fix, _ = summarize(values, 2, (1,), error_fix=False)
+    # verl's rule: only the core variable's mean / maj / best at the largest size is val-core.
+    core = {name: value for name, value in names.items() if name.startswith("val-core/")}
+    turn_1_best = (verl_bootstrap([0.0, 1.0], 2)["best@2/mean"] + 0.0) / 2  # problem b never solves turn 1
+    turn_1_best_std = (verl_bootstrap([0.0, 1.0], 2)["best@2/std"] + 0.0) / 2
+    assert core == pytest.approx({
+        "val-core/minif2f_test/acc/mean@2": 0.25,
+        "val-core/minif2f_test/acc/best@2/mean": turn_1_best,
+        "val-core/minif2f_test/acc/best@2/std": turn_1_best_std,
+    }, abs=1e-12)
+    turn_2_best = (1.0 + verl_bootstrap([0.0, 1.0], 2)["best@2/mean"]) / 2
+    assert names["val-aux/minif2f_test/acc_turn_2/mean@2"] == 0.75 > names["val-core/minif2f_test/acc/mean@2"]
+    assert names["val-aux/minif2f_test/acc_turn_2/best@2/mean"] == pytest.approx(turn_2_best, abs=1e-12)
+    assert names["val-aux/minif2f_test/acc_turn_1/best@2/mean"] == pytest.approx(turn_1_best, abs=1e-12)
+    # The other statistics: std@2 is 1/2 for [0, 1] and 0 for equal values; worst@2 of [0, 1] by verl's bootstrap.
+    assert names["val-aux/minif2f_test/acc/std@2"] == 0.25 and names["val-aux/minif2f_test/acc_turn_2/std@2"] == 0.25
+    worst = verl_bootstrap([0.0, 1.0], 2)
+    assert names["val-aux/minif2f_test/acc/worst@2/mean"] == pytest.approx(worst["worst@2/mean"] / 2, abs=1e-12)
+    assert names["val-aux/minif2f_test/acc/worst@2/std"] == pytest.approx(worst["worst@2/std"] / 2, abs=1e-12)
+    assert names["val-aux/minif2f_test/acc_turn_2/worst@2/mean"] == pytest.approx(
+        (1.0 + worst["worst@2/mean"]) / 2, abs=1e-12
+    )
+    assert "val-aux/minif2f_test/acc/pass@2" in names and "val-aux/minif2f_test/acc/best@1/mean" in names
+    without_fix, _ = summarize(VALUES, 2, (1,), error_fix=False)
     assert without_fix["acc"] == without_fix["acc_turn_1"] and "acc_turn_2" not in without_fix
+
+
+def test_summary_table_heads_with_turn_1_acc():
+    averaged, _ = summarize(VALUES, 2, (1, 2), error_fix=True)
+    summary = {"n": 2, "k": [1, 2], "error_fix": True, "data_source": "minif2f_test", "problems": 2,
+               "verifier": "lean", "metrics": averaged, "counts": {}}
+    rows = format_table(summary).splitlines()
+    header = rows[1].split()
+    acc = next(row for row in rows if row.startswith("acc "))
+    turn_2 = next(row for row in rows if row.startswith("acc_turn_2"))
+    assert acc.split()[-len(header):][header.index("mean@2")] == "25.00%"  # turn 1: 1 of 4
+    assert turn_2.split()[-len(header):][header.index("mean@2")] == "75.00%"  # within one fix: 3 of 4
+    assert "turn 1" in acc and "within one fix" in turn_2
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +311,10 @@ def test_validate_gives_verls_names_and_counts_fixes(taught):
     assert {s.completion.text for s in turn_1 if s.prompt.statement_id == PROBLEM_A} == {answers["A1"]}
     assert all(f.prompt.statement_id == PROBLEM_A and f.completion.text == answers["A2"] and f.acc == 1 for f in fixes)
     assert sorted(f.completion.sample_index for f in fixes) == [0, 1]  # each fix carries its sample's index
-    assert metrics["val-core/minif2f_test/acc/mean@2"] == 0.25
-    assert metrics["val-core/minif2f_test/acc/best@2/mean"] == 0.25
+    assert metrics["val-core/minif2f_test/acc/mean@2"] == 0.125  # turn 1 (B), the fix turn not folded in
+    assert metrics["val-core/minif2f_test/acc/best@2/mean"] == 0.125
     assert metrics["val-aux/minif2f_test/acc_turn_1/best@2/mean"] == 0.125
+    assert metrics["val-aux/minif2f_test/acc_turn_2/mean@2"] == 0.25
     assert metrics["val-aux/minif2f_test/acc_turn_2/best@2/mean"] == 0.25
     assert metrics["val-aux/minif2f_test/acc_turn_1/pass@2"] == 0.125
     assert metrics["val-aux/minif2f_test/unverified/turn_1"] == 0 and metrics["val-aux/minif2f_test/fix_attempts"] == 2
@@ -301,11 +364,12 @@ def test_cli_end_to_end_with_error_fix_and_resume(taught, taught_folder, lean_se
         for name in ("mean@4", "pass@1", "pass@2", "pass@4", "best@2/mean", "best@4/mean"):
             assert summary["metrics"]["acc_turn_1"][name] == 0.125, name
             assert summary["metrics"]["acc_turn_2"][name] == 0.25, name
-        assert summary["val_metrics"]["val-core/minif2f_test/acc/mean@4"] == 0.25
+        assert summary["val_metrics"]["val-core/minif2f_test/acc/mean@4"] == 0.125
+        assert summary["val_metrics"]["val-aux/minif2f_test/acc_turn_2/mean@4"] == 0.25
         assert summary["val_metrics"]["val-aux/minif2f_test/acc_turn_1/best@4/mean"] == 0.125
         assert summary["counts"]["samples_turn_2"] == 4 and summary["counts"]["unverified_turn_1"] == 0
         assert summary["samples_verified_this_run"] == 36
-        assert "within one fix" in table and "25.00%" in table and "12.50%" in table
+        assert "acc (turn 1)" in table and "12.50%" in table and "within one fix" in table and "25.00%" in table
         assert first_requests > 0
 
         # Rerun: everything is verified already, so nothing is generated and the server gets no request.
@@ -337,7 +401,7 @@ def test_cli_end_to_end_with_error_fix_and_resume(taught, taught_folder, lean_se
         assert main(argv) == 0
         extended = json.loads((out / "summary.json").read_text())
         assert extended["samples_verified_this_run"] == 8 * 4 + 4
-        assert extended["metrics"]["acc_turn_1"]["mean@8"] == 0.125 and extended["metrics"]["acc"]["pass@8"] == 0.25
+        assert extended["metrics"]["acc_turn_1"]["mean@8"] == 0.125 and extended["metrics"]["acc"]["pass@8"] == 0.125
 
     # Other sampling settings in the same folder: refused.
     assert main(cli(taught_folder, out, "--temperature", "0.5")) == 2
@@ -359,11 +423,18 @@ def test_cli_reads_a_training_checkpoint_with_its_saved_lengths(taught, tiny_tok
     argv = ["--model", str(run), "--dataset", str(MINIF2F_8), "--n", "1", "--k", "1", "--error-fix", "--engine", "jax",
             "--out", str(out), "--verifier", "standin"]
     assert main(argv) == 0
-    assert "LOCAL STAND-IN" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "LOCAL STAND-IN" in printed.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"].endswith("checkpoints/7") and summary["sampling"]["max_tokens"] == MAX_TOKENS
     assert summary["verifier"] == "standin (LOCAL STAND-IN, NOT Lean)"
-    assert summary["metrics"]["acc_turn_1"]["mean@1"] == 0.125 and summary["metrics"]["acc"]["mean@1"] == 0.25
+    assert summary["metrics"]["acc"]["mean@1"] == summary["metrics"]["acc_turn_1"]["mean@1"] == 0.125
+    assert summary["metrics"]["acc_turn_2"]["mean@1"] == 0.25
+    source = summary["data_source"]
+    assert summary["val_metrics"][f"val-core/{source}/acc/mean@1"] == 0.125
+    assert summary["val_metrics"][f"val-aux/{source}/acc_turn_2/mean@1"] == 0.25
+    acc_row = next(line for line in printed.out.splitlines() if line.startswith("acc (turn 1)"))
+    assert acc_row.split()[3] == "12.50%"  # label, 3 words; then mean@1
 
 
 def test_n_below_the_largest_k_is_refused(tmp_path, capsys):
