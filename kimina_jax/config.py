@@ -208,6 +208,8 @@ class KlConfig:
     enabled: bool = False
     coef: float = 0.001
     kind: Literal["k1", "abs", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    ref_path: str | None = None  # HF folder of the reference; None: the policy's initial weights
+    ref_offload: bool = False  # keep the reference in host memory between its log-prob passes
 
 
 @dataclasses.dataclass
@@ -559,6 +561,10 @@ def _check(cfg: TrainConfig, source: str) -> None:
         )
     if cfg.algorithm.tis_cap < 0:
         fail(f"'algorithm.tis_cap' must be >= 0 (0: no correction), got {cfg.algorithm.tis_cap}")
+    if cfg.algorithm.kl.coef < 0:
+        fail(f"'algorithm.kl.coef' must be >= 0, got {cfg.algorithm.kl.coef}")
+    if cfg.algorithm.kl.ref_path is not None and not cfg.algorithm.kl.enabled:
+        fail("'algorithm.kl.ref_path' is set but algorithm.kl.enabled is false (the reference exists only with KL on)")
     if not 0.0 <= cfg.data.error_fix.rate <= 1.0:
         fail(f"'data.error_fix.rate' must be in [0, 1], got {cfg.data.error_fix.rate}")
     for key, value in {"rollout.top_p": cfg.rollout.top_p, "rollout.val.top_p": cfg.rollout.val.top_p}.items():

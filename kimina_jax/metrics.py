@@ -28,28 +28,32 @@ CONSOLE_KEYS = (
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def score_stats(scores: Sequence[float]) -> dict[str, float]:
-    """`critic/score/{mean,max,min}` over responses."""
+def score_stats(scores: Sequence[float], name: str = "score") -> dict[str, float]:
+    """`critic/{name}/{mean,max,min}` over responses. verl's `rewards` are the scores less an in-reward KL
+    penalty, which this recipe never applies (its KL is a loss term), so `name="rewards"` takes the scores too."""
     s = np.asarray(scores, dtype=np.float64)
     return {
-        "critic/score/mean": float(s.mean()),
-        "critic/score/max": float(s.max()),
-        "critic/score/min": float(s.min()),
+        f"critic/{name}/mean": float(s.mean()),
+        f"critic/{name}/max": float(s.max()),
+        f"critic/{name}/min": float(s.min()),
     }
 
 
-def advantage_stats(advantages: Sequence[float], response_lengths: Sequence[int]) -> dict[str, float]:
-    """`critic/advantages/{mean,max,min}` over response tokens, as verl computes them.
+def advantage_stats(
+    advantages: Sequence[float], response_lengths: Sequence[int], name: str = "advantages"
+) -> dict[str, float]:
+    """`critic/{name}/{mean,max,min}` over response tokens, as verl computes them.
 
     Every token of response i carries advantage A_i, so the token mean weights A_i by the response length.
+    GRPO's returns are its advantages (verl sets both alike), so `name="returns"` takes the advantages too.
     """
     a = np.asarray(advantages, dtype=np.float64)
     n = np.asarray(response_lengths, dtype=np.float64)
     has_tokens = n > 0
     return {
-        "critic/advantages/mean": float((a * n).sum() / n.sum()),
-        "critic/advantages/max": float(a[has_tokens].max()),
-        "critic/advantages/min": float(a[has_tokens].min()),
+        f"critic/{name}/mean": float((a * n).sum() / n.sum()),
+        f"critic/{name}/max": float(a[has_tokens].max()),
+        f"critic/{name}/min": float(a[has_tokens].min()),
     }
 
 
@@ -62,6 +66,35 @@ def length_stats(prefix: str, lengths: Sequence[int], max_length: int) -> dict[s
         f"{prefix}/min": float(n.min()),
         f"{prefix}/clip_ratio": float((n >= max_length).mean()),
     }
+
+
+def timing_per_token_ms(metrics: Mapping[str, float], prompt_tokens: int, response_tokens: int) -> dict[str, float]:
+    """`timing_per_token_ms/{name}` as verl's compute_timing_metrics: `timing_s/gen` per response token, the
+    reference and actor passes per prompt + response token of the step batch; sections not timed are left out."""
+    total = prompt_tokens + response_tokens
+    tokens = {"gen": response_tokens, "ref": total, "update_actor": total}
+    return {
+        f"timing_per_token_ms/{name}": metrics[f"timing_s/{name}"] * 1000 / n
+        for name, n in tokens.items()
+        if f"timing_s/{name}" in metrics
+    }
+
+
+def throughput_stats(total_tokens: int, step_seconds: float, num_devices: int) -> dict[str, float]:
+    """`perf/time_per_step` and `perf/throughput` (tokens per second per device), as verl."""
+    return {"perf/time_per_step": step_seconds, "perf/throughput": total_tokens / (step_seconds * num_devices)}
+
+
+def memory_stats(device_stats: Sequence[Mapping[str, int] | None]) -> dict[str, float]:
+    """`perf/max_memory_{allocated,reserved}_gb` (GiB, as verl's torch figures): the allocator's peak bytes in
+    use and the peak it held from the device (its pool), highest over the devices. Statistics a backend does not
+    keep are left out (the CPU keeps none)."""
+    out = {}
+    for name, key in (("allocated", "peak_bytes_in_use"), ("reserved", "peak_pool_bytes")):
+        values = [s[key] for s in device_stats if s and key in s]
+        if values:
+            out[f"perf/max_memory_{name}_gb"] = max(values) / 1024**3
+    return out
 
 
 def format_error_counts(samples: Sequence[Sample], known_errors: Sequence[str] = (), turns: int = 2) -> dict[str, int]:

@@ -35,7 +35,15 @@ from kimina_jax.config import TrainConfig, config_to_dict, parse_cli, save_resol
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError
 from kimina_jax.evaluate import sample_record, validate
-from kimina_jax.grpo import PackItem, TrainStep, grpo_advantages, pack_samples, row_length_buckets
+from kimina_jax.grpo import (
+    PackItem,
+    ReferencePolicy,
+    TrainStep,
+    batch_agg_metric,
+    grpo_advantages,
+    pack_samples,
+    row_length_buckets,
+)
 from kimina_jax.models import load_hf_checkpoint
 from kimina_jax.models.attention import resolve_attention_impl
 from kimina_jax.models.hf import resolve_model_folder, to_jax_dtype
@@ -104,6 +112,9 @@ class Trainer:
             total_steps=self.steps_total, mesh=self.mesh,
         )
         self.state = self.step_fn.init_state(self.model, seed=cfg.experiment.seed)
+        self.reference = ReferencePolicy.from_config(
+            cfg.algorithm.kl, self.state.params, self.step_fn, load_model=self._load_reference
+        ) if cfg.algorithm.kl.enabled else None
         self.buckets = row_length_buckets(cfg.algorithm.pack_length, min_length=min(256, cfg.algorithm.pack_length))
         multi = jax.process_count() > 1
         engine_model = nnx.merge(self.step_fn.graphdef, self._engine_weights()) if multi else self.model
@@ -139,6 +150,11 @@ class Trainer:
             attention_impl=m.attention_impl, remat=m.remat,
         )
 
+    def _load_reference(self, path: str):
+        m = self.cfg.model
+        return load_hf_checkpoint(resolve_model_folder(path), m.dtype, self.mesh, param_dtype=m.param_dtype,
+                                  attention_impl=m.attention_impl, remat=m.remat)
+
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> None:
         self.stop.install()
@@ -148,6 +164,7 @@ class Trainer:
         stopping = any_process(self.stop.requested)  # every process stops after the same step
         while self.step < self.steps_total and not stopping:
             self.step += 1
+            start = time.perf_counter()  # verl's step time: everything up to logging, validation and saving too
             metrics = self.train_step()
             stopping = any_process(self.stop.requested)
             if self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total:
@@ -155,13 +172,16 @@ class Trainer:
             if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or stopping:
                 with timed(metrics, "save_checkpoint"):
                     self._save()
+            metrics["timing_s/step"] = time.perf_counter() - start
+            metrics.update(
+                stats.throughput_stats(metrics["perf/total_num_tokens"], metrics["timing_s/step"], jax.device_count())
+            )
             self.writer.log_step(self.step, metrics, self._text_samples)
         self.checkpointer.wait()
         self.close()
 
     def train_step(self) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
-        start = time.perf_counter()
         rollouts = self._next_rollouts or self._start_rollouts(self.step)
         self._next_rollouts = None
         samples, rollout_timings = rollouts.finish()
@@ -178,33 +198,38 @@ class Trainer:
         if self._next_rollouts is None:
             self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
         with timed(metrics, "old_log_prob"):
-            batches = [
-                (dataclasses.replace(b, old_logp=self.step_fn.logprobs(self.state.params, b)), idx)
-                for b, idx in batches
-            ]
+            batches, entropies = self._old_logprobs(batches)
+        metrics["actor/entropy"] = batch_agg_metric(
+            entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length
+        )
+        if self.reference is not None:
+            with timed(metrics, "ref"):
+                batches = [(dataclasses.replace(b, ref_logp=self.reference.logprobs(b)), idx) for b, idx in batches]
         metrics.update(self._logprob_diff(samples, batches))
         with timed(metrics, "update_actor"):
-            actor = defaultdict(list)
-            for batch, _ in batches:
-                self.state, update_metrics = self.step_fn.update(self.state, batch, self.step - 1)
-                for name, value in jax.device_get(update_metrics).items():
-                    actor[name].append(float(value))
+            self.state, actor = self.step_fn.update_epochs(self.state, [b for b, _ in batches], self.step - 1)
         if self._next_rollouts is not None:
             with timed(metrics, "gen_wait"):
                 self._next_rollouts.wait_generated()  # before the engine's weights change
         with timed(metrics, "sync_weights"):
             self.engine.wake()
             self.engine.update_weights(self._engine_weights())
-        fix_prompts, fix_counts = build_fix_prompts(samples, self.renderer, cfg.data.error_fix.max_feedback_chars)
+        fix_prompts, fix_counts = build_fix_prompts(
+            samples, self.renderer, cfg.data.error_fix.max_feedback_chars, cfg.data.error_fix.enabled
+        )
         if self.data.fix_cache is not None:
             self.data.fix_cache.add(fix_prompts)
-        metrics.update({name: float(np.mean(values)) for name, values in actor.items()})
+        metrics.update(actor)
         metrics.update(self._sample_metrics(samples, verified, advantages, prompts))
         metrics.update(fix_counts)
-        metrics["timing_s/step"] = time.perf_counter() - start
-        metrics["perf/time_per_step"] = metrics["timing_s/step"]
-        tokens = sum(len(s.prompt.token_ids) + len(s.completion.token_ids) for s in samples)
-        metrics["perf/throughput"] = tokens / metrics["timing_s/step"] / jax.device_count()
+        # Step t trains on the data's global batch t - 1 (resumed runs restore that position), as verl counts.
+        metrics["training/global_step"] = self.step
+        metrics["training/epoch"] = (self.step - 1) // self.data.steps_per_epoch
+        prompt_tokens = sum(len(s.prompt.token_ids) for s in samples)
+        response_tokens = sum(len(s.completion.token_ids) for s in samples)
+        metrics["perf/total_num_tokens"] = prompt_tokens + response_tokens
+        metrics.update(stats.timing_per_token_ms(metrics, prompt_tokens, response_tokens))
+        metrics.update(stats.memory_stats([d.memory_stats() for d in jax.local_devices()]))
         peak = cfg.trainer.peak_tflops_per_device
         if peak:  # model FLOPs utilisation of the policy update
             lengths = [len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids) for i in verified]
@@ -273,6 +298,16 @@ class Trainer:
             batches.append((batch, [i for i, _ in members]))
         return batches
 
+    def _old_logprobs(self, batches):
+        """Each batch with its old log-probs (the weights before the step's updates), and every response's old
+        policy entropies: verl takes `actor/entropy` from this pass."""
+        with_logp, entropies = [], []
+        for batch, indices in batches:
+            old_logp, entropy = self.step_fn.logprobs(self.state.params, batch, with_entropy=True)
+            with_logp.append((dataclasses.replace(batch, old_logp=old_logp), indices))
+            entropies += batch.response_values(entropy)
+        return with_logp, entropies
+
     def _logprob_diff(self, samples, batches) -> dict[str, float]:
         """`rollout/logprob_diff_{mean,max}`: the engine's log-probs against the trainer's old log-probs."""
         completions, trainer = [], []
@@ -286,9 +321,13 @@ class Trainer:
         cfg = self.cfg
         kept = [samples[i] for i in verified]
         lengths = [len(samples[i].completion.token_ids) for i in verified]
+        scores = [s.score for s in kept] or [0.0]
+        advantages, lengths = (advantages, lengths) if kept else ([0.0], [1])
         out = {
-            **stats.score_stats([s.score for s in kept] or [0.0]),
-            **stats.advantage_stats(advantages if len(advantages) else [0.0], lengths or [1]),
+            **stats.score_stats(scores),
+            **stats.score_stats(scores, name="rewards"),
+            **stats.advantage_stats(advantages, lengths),
+            **stats.advantage_stats(advantages, lengths, name="returns"),
             **stats.length_stats("response_length", [len(s.completion.token_ids) for s in samples], cfg.rollout.max_tokens),
             **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
             **stats.format_error_counts(samples, [str(e) for e in FormatError]),
@@ -302,7 +341,7 @@ class Trainer:
 
     def _validate(self, log_now: bool = True) -> dict[str, float]:
         metrics = {}
-        with timed(metrics, "validate"):
+        with timed(metrics, "testing"):
             val_metrics, samples = validate(
                 self.val_engine, self.rewarder, self.val_prompts,
                 self._sampling(self.cfg.rollout.val.n, val=True),

@@ -424,3 +424,23 @@ def test_build_fix_prompts_messages_and_counts(renderer):
     # A failed turn-2 sample gets no third turn.
     _, counts = build_fix_prompts([make_sample(fix, "lean_error", feedback)], renderer, 3000)
     assert counts["multiturn/turn_2/exceed_max_turn"] == 1
+
+
+def test_without_the_fix_turn_failures_exceed_max_turn(renderer):
+    # The original's last turn is turn 1 with the fix turn off: a failure with feedback is past it.
+    turn1 = renderer.prompt(read_rows(DatasetConfig(files=[str(FIXTURES / "promptset_sample.jsonl")]))[0])
+    feedback = "# Error 1:\nError message: \nlinarith failed\n\n"
+    samples = [
+        make_sample(turn1, "lean_error", feedback),
+        make_sample(turn1, "lean_error", feedback),
+        make_sample(turn1, "valid"),
+        make_sample(turn1, "lean_error", "e" * 3001),
+    ]
+    prompts, counts = build_fix_prompts(samples, renderer, 3000, error_fix=False)
+    assert prompts == []
+    assert counts == {
+        **{f"multiturn/turn_1/{k}": 0 for k in FIX_COUNTERS},
+        "multiturn/turn_1/valid": 1,
+        "multiturn/turn_1/feedback_too_long": 1,
+        "multiturn/turn_1/exceed_max_turn": 2,
+    }

@@ -8,6 +8,7 @@ import pytest
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import (
+    batch_agg_metric,
     AGG_MODES,
     aggregate_loss,
     entropy_from_logits,
@@ -171,6 +172,19 @@ def test_aggregate_is_invariant_to_micro_batch_cuts(mode, pieces):
     )
     np.testing.assert_allclose(parts, whole, rtol=1e-5)
     np.testing.assert_allclose(whole, ref_aggregate(loss, mask, mode), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token-mean", 10 / 4),  # (1 + 2 + 3 + 4) / 4 tokens
+    ("seq-mean-token-sum", (6 + 4) / 2),
+    ("seq-mean-token-mean", (2 + 4) / 2),
+    ("seq-mean-token-sum-norm", (6 + 4) / 8),  # verl: the batch's total / L, not divided by the 2 sequences
+])
+def test_batch_agg_metric_is_verls_agg_loss(mode, expected):
+    """verl's agg_loss over a step batch (its actor/entropy): responses [1, 2, 3] and [4], L = 8; an empty
+    response counts nowhere."""
+    assert batch_agg_metric([np.array([1.0, 2.0, 3.0]), np.array([4.0]), np.array([])], mode, 8) == pytest.approx(expected)
+    assert batch_agg_metric([], mode, 8) == 0.0
 
 
 def test_aggregate_rejects_bad_modes():

@@ -15,7 +15,14 @@ from flax import nnx
 
 from kimina_jax.config import AlgorithmConfig, KlConfig, OptimConfig
 from kimina_jax.errors import KiminaError
-from kimina_jax.grpo import PackItem, TrainStep, accumulate_gradients, grpo_advantages, pack_samples
+from kimina_jax.grpo import (
+    PackItem,
+    ReferencePolicy,
+    TrainStep,
+    accumulate_gradients,
+    grpo_advantages,
+    pack_samples,
+)
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.parallel import make_mesh, path_to_str
@@ -176,7 +183,7 @@ def test_metrics_match_numpy():
     step = TrainStep(model, alg, optim)
     state = step.init_state(model)
     batch = packed_minibatch(step, state.params, random_items(2), with_ref=True)
-    logp, entropy = (np.asarray(x, np.float64) for x in direct_terms(state.params, step.graphdef, batch, 1.0))
+    logp = np.asarray(direct_terms(state.params, step.graphdef, batch, 1.0)[0], np.float64)
     grad_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in flat_params(
         direct_grad(state.params, step.graphdef, batch, alg, 1.0)).values()))
 
@@ -195,8 +202,8 @@ def test_metrics_match_numpy():
         "actor/pg_clipfrac": np.mean((clipped > unclipped)[mask]),
         "actor/pg_clipfrac_lower": np.mean(dual_taken[mask]),
         "actor/ppo_kl": np.mean((old - logp)[mask]),
-        "actor/entropy": np.mean(entropy[mask]),
         "actor/kl_loss": per_sequence(np.clip(np.exp(x) - x - 1, -10, 10)),
+        "actor/kl_coef": 0.1,
         "actor/grad_norm": grad_norm,
         "actor/lr": 0.0,  # warmup starts from 0 (verl's schedule)
         "actor/skipped_updates": 0.0,
@@ -409,3 +416,82 @@ def test_grpo_raises_a_verifiable_reward():
     assert step.compilations == {"update": 1, "logprobs": 1}
     start, end = np.mean(rewards[:2]), np.mean(rewards[-2:])
     assert end > max(0.8, start + 0.3), rewards
+
+
+def test_old_logprob_pass_gives_the_old_policys_entropy():
+    """verl's actor/entropy comes from the old log-prob pass: the same chunked pass returns the entropy of each
+    position's full distribution (checked against the unchunked logits), and the log-probs are unchanged."""
+    model = make_model()
+    step = TrainStep(model, algorithm(logits_chunk_tokens=8), OPTIM)
+    params = step.init_state(model).params
+    batch = pack_samples(random_items(4), BUCKETS, loss_agg_mode="seq-mean-token-sum-norm",
+                         max_response_len=MAX_RESPONSE, rows_multiple=step.rows_multiple)
+    logp, entropy = step.logprobs(params, batch, with_entropy=True)
+    direct_logp, direct_entropy = (np.asarray(x) for x in direct_terms(params, step.graphdef, batch, 1.0))
+    mask = batch.loss_mask.astype(bool)
+    np.testing.assert_allclose(entropy[mask], direct_entropy[mask], rtol=1e-5)
+    np.testing.assert_allclose(logp[mask], direct_logp[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(step.logprobs(params, batch), logp)
+    assert (entropy[mask] > 0).all() and (entropy[mask] <= np.log(CONFIG.vocab_size) + 1e-5).all()
+
+
+def test_ppo_epochs_repeat_the_mini_batches_with_fixed_old_logprobs():
+    """algorithm.ppo_epochs=2 (verl): every mini-batch twice, in order, old log-probs as packed before the first
+    update; metrics are the means over the four updates."""
+    model = make_model()
+    step = TrainStep(model, algorithm(ppo_epochs=2), OPTIM)
+    state = step.init_state(model)
+    batches = [packed_minibatch(step, state.params, random_items(seed), seed=seed) for seed in (5, 6)]
+    manual = step.init_state(model)
+    pg_losses = []
+    for batch in batches + batches:
+        manual, metrics = step.update(manual, batch, 0)
+        pg_losses.append(float(metrics["actor/pg_loss"]))
+    state, metrics = step.update_epochs(state, batches, 0)
+    assert int(state.step) == 4
+    np.testing.assert_allclose(metrics["actor/pg_loss"], np.mean(pg_losses), rtol=1e-6)
+    assert len(set(np.round(pg_losses, 7))) > 1  # later updates see moved weights against the same old log-probs
+    for name, value in flat_params(manual.params).items():
+        np.testing.assert_allclose(flat_params(state.params)[name], value, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_reference_policy_is_a_frozen_copy_of_the_initial_weights(offload):
+    """KL's reference: the initial weights, unaffected by the updates that donate the policy's buffers; with
+    ref_offload it waits in host memory and gives the same log-probs."""
+    model = make_model()
+    alg = algorithm(kl=dataclasses.replace(KL_ON, ref_offload=offload))
+    step = TrainStep(model, alg, OPTIM)
+    state = step.init_state(model)
+    reference = ReferencePolicy.from_config(alg.kl, state.params, step)
+    batch = packed_minibatch(step, state.params, random_items(7), with_ref=True)
+    initial = step.logprobs(state.params, batch)
+    for train_step in range(3):
+        state, _ = step.update(state, batch, train_step)
+    assert not np.allclose(step.logprobs(state.params, batch), initial)  # the policy moved
+    np.testing.assert_array_equal(reference.logprobs(batch), initial)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(reference._params)}
+    assert kinds == ({"pinned_host"} if offload else {"device"})
+
+
+def test_reference_policy_from_an_hf_folder(tiny_hf_folder, tmp_path):
+    """algorithm.kl.ref_path: any HF folder of the policy's architecture; another architecture is one clear error."""
+    from kimina_jax.models import load_hf_checkpoint
+    from tests.tiny_models import make_hf_model, save_hf_model
+
+    policy = load_hf_checkpoint(tiny_hf_folder)
+    other = save_hf_model(make_hf_model(tie=False, seed=3), tmp_path / "other")
+    alg = algorithm(kl=dataclasses.replace(KL_ON, ref_path=str(other)))
+    step = TrainStep(policy, alg, OPTIM)
+    state = step.init_state(policy)
+    reference = ReferencePolicy.from_config(alg.kl, state.params, step, load_model=load_hf_checkpoint)
+    items = [PackItem([1, 2, 3], [4, 5, 6, 7], 1.0), PackItem([8, 9], [10, 11, 12], -1.0)]
+    batch = pack_samples(items, BUCKETS, loss_agg_mode="token-mean", rows_multiple=step.rows_multiple)
+    expected = step.logprobs(nnx.split(load_hf_checkpoint(other))[1], batch)
+    np.testing.assert_allclose(reference.logprobs(batch), expected, rtol=1e-6)
+    assert not np.allclose(expected, step.logprobs(state.params, batch))
+
+    wrong = save_hf_model(make_hf_model(tie=False, num_hidden_layers=1), tmp_path / "wrong")
+    alg = algorithm(kl=dataclasses.replace(KL_ON, ref_path=str(wrong)))
+    with pytest.raises(KiminaError, match="algorithm.kl.ref_path"):
+        ReferencePolicy.from_config(alg.kl, state.params, step, load_model=load_hf_checkpoint)

@@ -11,7 +11,10 @@ from kimina_jax.metrics import (
     console_line,
     format_error_counts,
     length_stats,
+    memory_stats,
     score_stats,
+    throughput_stats,
+    timing_per_token_ms,
 )
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
 
@@ -37,6 +40,39 @@ def test_score_and_advantage_stats_match_token_level_numpy():
             "critic/advantages/min": token_adv.min(),
         }
     )
+
+
+def test_rewards_and_returns_stats_by_hand():
+    # rewards: per response; returns (GRPO: the advantages) per response token, as verl's masked_select.
+    assert score_stats([1.0, 0.0, 0.5], name="rewards") == {
+        "critic/rewards/mean": 0.5, "critic/rewards/max": 1.0, "critic/rewards/min": 0.0,
+    }
+    # tokens: 0.5 x2, -0.25 x4, 0.75 x2 (the 4th response has none): sum 1.5 over 8 tokens
+    assert advantage_stats([0.5, -0.25, 0.75, 1.0], [2, 4, 2, 0], name="returns") == {
+        "critic/returns/mean": 0.1875, "critic/returns/max": 0.75, "critic/returns/min": -0.25,
+    }
+
+
+def test_timing_per_token_ms_as_verl():
+    timings = {"timing_s/gen": 2.0, "timing_s/update_actor": 3.0, "timing_s/ref": 0.6,
+               "timing_s/old_log_prob": 1.0, "timing_s/verify": 5.0, "perf/throughput": 9.0}
+    # gen per response token (2000 ms / 800), the policy passes per prompt + response token (1000)
+    assert timing_per_token_ms(timings, prompt_tokens=200, response_tokens=800) == pytest.approx({
+        "timing_per_token_ms/gen": 2.5, "timing_per_token_ms/update_actor": 3.0, "timing_per_token_ms/ref": 0.6,
+    })
+    assert timing_per_token_ms({"timing_s/gen": 1.0}, 10, 40) == {"timing_per_token_ms/gen": 25.0}
+
+
+def test_throughput_and_memory_stats_by_hand():
+    assert throughput_stats(1000, 4.0, 2) == {"perf/time_per_step": 4.0, "perf/throughput": 125.0}
+    gib = 1024**3
+    gpus = [
+        {"peak_bytes_in_use": 2 * gib, "peak_pool_bytes": 3 * gib, "bytes_limit": 8 * gib},
+        {"peak_bytes_in_use": gib + gib // 2, "peak_pool_bytes": 4 * gib, "bytes_limit": 8 * gib},
+    ]
+    assert memory_stats(gpus) == {"perf/max_memory_allocated_gb": 2.0, "perf/max_memory_reserved_gb": 4.0}
+    assert memory_stats([{"peak_bytes_in_use": gib // 2}]) == {"perf/max_memory_allocated_gb": 0.5}
+    assert memory_stats([None]) == {}  # the CPU keeps no statistics
 
 
 def test_length_stats_and_clip_ratio():

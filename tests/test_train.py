@@ -73,11 +73,63 @@ def test_run_writes_spec9_metrics_checkpoints_and_rollouts(full_run):
     missing = [t for t in SPEC9_TAGS if t not in tags]
     assert not missing, f"missing TensorBoard tags: {missing}"
     assert [e.step for e in events.Scalars("actor/pg_loss")] == [1, 2, 3, 4]
+    assert not {"actor/kl_loss", "actor/kl_coef", "timing_s/ref"} & tags  # no reference without KL
     assert np.isfinite([e.value for e in events.Scalars("actor/grad_norm")]).all()
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     order = _statement_order(run_dir)
     assert len(order) == 4 and all(len(step) == 16 for step in order)  # 4 prompts x 4 samples
     assert (run_dir / "config.yaml").is_file()
+
+
+def test_verl_step_metrics_and_step_time_spans_validation_and_saving(full_run):
+    run_dir, _ = full_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    at = lambda tag: {e.step: e.value for e in events.Scalars(tag)}  # noqa: E731
+    assert at("training/global_step") == {1: 1, 2: 2, 3: 3, 4: 4}
+    assert at("training/epoch") == {1: 0, 2: 0, 3: 0, 4: 0}  # 64 bundled statements / 4 a step: 16 steps an epoch
+    assert sorted(at("timing_s/testing")) == [3, 4]  # test_freq=3 (tiny recipe), and the last step
+    assert "timing_s/validate" not in events.Tags()["scalars"]
+    assert "perf/max_memory_allocated_gb" not in events.Tags()["scalars"]  # the CPU keeps no memory statistics
+    for step in (1, 2, 3, 4):
+        m = {tag: at(tag)[step] for tag in (
+            "timing_s/step", "perf/time_per_step", "perf/throughput", "perf/total_num_tokens", "timing_s/gen",
+            "timing_s/update_actor", "timing_per_token_ms/gen", "timing_per_token_ms/update_actor",
+            "critic/score/mean", "critic/score/max", "critic/score/min", "critic/rewards/mean", "critic/rewards/max",
+            "critic/rewards/min", "critic/advantages/mean", "critic/advantages/max", "critic/advantages/min",
+            "critic/returns/mean", "critic/returns/max", "critic/returns/min",
+        )}
+        records = [json.loads(x) for x in (run_dir / "rollouts" / f"step_{step}.jsonl").read_text().splitlines()]
+        response_tokens = sum(r["response_tokens"] for r in records)
+        assert m["perf/total_num_tokens"] > response_tokens
+        assert m["perf/time_per_step"] == m["timing_s/step"]
+        assert m["perf/throughput"] == pytest.approx(m["perf/total_num_tokens"] / m["timing_s/step"], rel=1e-5)
+        assert m["timing_per_token_ms/gen"] == pytest.approx(m["timing_s/gen"] * 1000 / response_tokens, rel=1e-5)
+        assert m["timing_per_token_ms/update_actor"] == pytest.approx(
+            m["timing_s/update_actor"] * 1000 / m["perf/total_num_tokens"], rel=1e-5
+        )
+        for stat in ("mean", "max", "min"):  # no KL in the reward; GRPO's returns are its advantages
+            assert m[f"critic/rewards/{stat}"] == m[f"critic/score/{stat}"]
+            assert m[f"critic/returns/{stat}"] == m[f"critic/advantages/{stat}"]
+    # Step 4 validates and saves; verl's step time covers both.
+    step_s, testing_s, save_s = at("timing_s/step")[4], at("timing_s/testing")[4], at("timing_s/save_checkpoint")[4]
+    assert step_s >= testing_s + save_s
+
+
+def test_kl_to_a_reference_and_ppo_epochs_in_the_loop(lean_server, tmp_path):
+    """algorithm.kl.enabled (it used to fail at the first update) with the reference in host memory between uses,
+    and algorithm.ppo_epochs=2: the KL metrics and the reference pass are logged, and every mini-batch is used
+    twice (2 steps x 2 mini-batches x 2 epochs = 8 optimizer updates)."""
+    run_dir = tmp_path / "kl"
+    _finish(_train(run_dir, lean_server.url, "trainer.total_steps=2", "trainer.save_freq=2", "trainer.test_freq=100",
+                   "algorithm.kl.enabled=true", "algorithm.kl.ref_offload=true", "algorithm.kl.coef=0.05",
+                   "algorithm.ppo_epochs=2"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    values = lambda tag: [e.value for e in events.Scalars(tag)]  # noqa: E731
+    assert values("actor/kl_coef") == pytest.approx([0.05, 0.05])
+    assert all(np.isfinite(v) and v >= 0 for v in values("actor/kl_loss"))  # k3 is never negative
+    assert len(values("timing_s/ref")) == 2
+    loop = json.loads((run_dir / "checkpoints" / "2" / "loop" / "metadata").read_text())
+    assert loop["optimizer_updates"] == 8
 
 
 def test_advantages_are_group_relative(full_run):

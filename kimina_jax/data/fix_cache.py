@@ -4,8 +4,9 @@ A turn-2 prompt is the original messages + the assistant's full turn-1 response 
 the Lean feedback. Which samples become one is counted with the original recipe's metric names
 (`multiturn/turn_{t}/...`), checked in its order: a proof that passed Lean is `valid`; no proof was sent to Lean
 (or the failure left no feedback text) is `filtered`; then `feedback_too_long`, `exceed_max_turn` (only one fix
-turn), `max_prompt_token_len_exceeded`, and `added_in_database` for those kept. Samples whose verification could
-not be done are neither failures nor successes: they are counted as `unverified` and never turned into prompts.
+turn; with the fix turn off, every turn-1 failure), `max_prompt_token_len_exceeded`, and `added_in_database`
+for those kept. Samples whose verification could not be done are neither failures nor successes: they are counted
+as `unverified` and never turned into prompts.
 """
 from __future__ import annotations
 
@@ -33,20 +34,27 @@ def fix_messages(prompt: Prompt, response: str, feedback: str) -> tuple[dict, ..
 
 
 def build_fix_prompts(
-    samples: Sequence[Sample], renderer: PromptRenderer, max_feedback_chars: int
+    samples: Sequence[Sample], renderer: PromptRenderer, max_feedback_chars: int, error_fix: bool = True
 ) -> tuple[list[Prompt], dict[str, int]]:
-    """Turn-2 prompts from a step's samples, and the `multiturn/turn_{1,2}/...` counts."""
-    counts = {f"multiturn/turn_{t}/{name}": 0 for t in range(1, MAX_TURNS + 1) for name in FIX_COUNTERS}
+    """Turn-2 prompts from a step's samples, and the `multiturn/turn_{t}/...` counts.
+
+    Without the fix turn (`error_fix=False`) the original's last turn is turn 1: failures count as
+    `exceed_max_turn` and no prompt is made.
+    """
+    max_turns = MAX_TURNS if error_fix else 1
+    counts = {f"multiturn/turn_{t}/{name}": 0 for t in range(1, max_turns + 1) for name in FIX_COUNTERS}
     prompts = []
     for sample in samples:
-        outcome, prompt = _fix_one(sample, renderer, max_feedback_chars)
+        outcome, prompt = _fix_one(sample, renderer, max_feedback_chars, max_turns)
         counts[f"multiturn/turn_{sample.prompt.turn}/{outcome}"] += 1
         if prompt is not None:
             prompts.append(prompt)
     return prompts, counts
 
 
-def _fix_one(sample: Sample, renderer: PromptRenderer, max_feedback_chars: int) -> tuple[str, Prompt | None]:
+def _fix_one(
+    sample: Sample, renderer: PromptRenderer, max_feedback_chars: int, max_turns: int
+) -> tuple[str, Prompt | None]:
     if sample.verdict is not None and not sample.verdict.is_verified:
         return "unverified", None
     if sample.verdict is not None and sample.verdict.is_valid:
@@ -55,7 +63,7 @@ def _fix_one(sample: Sample, renderer: PromptRenderer, max_feedback_chars: int) 
         return "filtered", None
     if len(sample.feedback) > max_feedback_chars:
         return "feedback_too_long", None
-    if sample.prompt.turn >= MAX_TURNS:
+    if sample.prompt.turn >= max_turns:
         return "exceed_max_turn", None
     messages = fix_messages(sample.prompt, sample.completion.text, sample.feedback)
     token_ids = renderer.encode(messages)

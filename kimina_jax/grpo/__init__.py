@@ -4,6 +4,7 @@ from kimina_jax.grpo.math import (
     AGG_MODES,
     KL_KINDS,
     aggregate_loss,
+    batch_agg_metric,
     entropy_from_logits,
     grpo_advantages,
     kl_penalty,
@@ -15,6 +16,7 @@ from kimina_jax.grpo.math import (
 )
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch, PackItem, pack_samples, row_length_buckets
+from kimina_jax.grpo.reference import ReferencePolicy
 from kimina_jax.grpo.step import TrainState, TrainStep, accumulate_gradients, micro_batch_loss
 
 __all__ = [
@@ -22,10 +24,12 @@ __all__ = [
     "KL_KINDS",
     "PackItem",
     "PackedBatch",
+    "ReferencePolicy",
     "TrainState",
     "TrainStep",
     "accumulate_gradients",
     "aggregate_loss",
+    "batch_agg_metric",
     "chunked_logprobs",
     "entropy_from_logits",
     "grpo_advantages",

@@ -13,10 +13,11 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kimina_jax.errors import KiminaError
 
@@ -97,6 +98,31 @@ def aggregate_loss(
     mask = jnp.asarray(mask, jnp.float32)
     weights = sequence_token_weights(mask.sum(axis=-1), mode, max_len, num_tokens, num_seqs)
     return jnp.sum(jnp.where(mask > 0, loss, 0.0) * mask * weights[..., None])
+
+
+def batch_agg_metric(per_sequence: Sequence[Any], mode: str, max_len: int | None = None) -> float:
+    """A per-token quantity of a whole step batch aggregated as verl's `agg_loss` does for its metrics (e.g.
+    verl's `actor/entropy`): `per_sequence` holds each response's token values.
+
+    token-mean: mean over all tokens; seq-mean-token-sum: mean of the sequences' sums; seq-mean-token-mean: mean
+    of their means; seq-mean-token-sum-norm: the batch's total / max_len. That last one is verl's formula (it
+    divides by the length only, not by the number of sequences, so the recipe's entropy reads in the hundreds);
+    the loss's own normaliser (`sequence_token_weights`) also divides by the sequences (SPEC 3). Empty: 0.
+    """
+    sequences = [np.asarray(values, np.float64) for values in per_sequence if len(values)]
+    if not sequences:
+        return 0.0
+    if mode == "token-mean":
+        return float(np.concatenate(sequences).mean())
+    if mode == "seq-mean-token-sum":
+        return float(np.mean([values.sum() for values in sequences]))
+    if mode == "seq-mean-token-mean":
+        return float(np.mean([values.mean() for values in sequences]))
+    if mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len <= 0:
+            raise KiminaError(f"loss aggregation mode {mode!r} needs max_len (the max response length), got {max_len!r}")
+        return float(sum(values.sum() for values in sequences) / max_len)
+    raise KiminaError(f"unknown loss aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
 
 
 def masked_mean(values: Any, mask: Any) -> jax.Array:

@@ -33,8 +33,9 @@ from kimina_jax.parallel import logical_sharding, make_mesh, param_shardings
 
 LOGPROB_INPUTS = ("tokens", "targets", "positions", "segment_ids")
 UPDATE_INPUTS = (*LOGPROB_INPUTS, "loss_mask", "advantages", "loss_weights", "old_logp")
-# Per-micro-batch sums that become the token-mean metrics (divided by the loss-token count).
-TOKEN_MEAN_METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy")
+# Per-micro-batch sums that become the token-mean metrics (divided by the loss-token count). `actor/entropy` is not
+# one: verl's is the old policy's, from the old log-prob pass (`TrainStep.logprobs(..., with_entropy=True)`).
+TOKEN_MEAN_METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
 
 
 @struct.dataclass
@@ -55,13 +56,14 @@ def micro_batch_loss(
     the metrics: `pg_loss`, `loss_tokens` and the masked sums of `TOKEN_MEAN_METRICS` (and `kl_loss`).
 
     loss = pg_loss - entropy_coeff * sum(w * entropy) + kl.coef * sum(w * kl), w = `loss_weights`:
-    the entropy and KL terms aggregate like the policy loss (verl's `agg_loss` with the same mode). With
+    the entropy and KL terms aggregate like the policy loss (verl's `agg_loss` with the same mode); the entropy
+    is computed only when its coefficient is not 0. With
     `rollout_logp` in the micro-batch (off-policy), each token's policy loss is first multiplied by its truncated
     importance-sampling weight (`math.truncated_is_weight`), whose masked sum is returned as `tis_weight`.
     """
     logp, entropy = token_logprobs(
         model, micro["tokens"], micro["positions"], micro["segment_ids"], micro["targets"],
-        temperature, algorithm.logits_chunk_tokens, with_entropy=True,
+        temperature, algorithm.logits_chunk_tokens, with_entropy=bool(algorithm.entropy_coeff),
     )
     mask = micro["loss_mask"] > 0
     # `where` keeps whatever sits outside the loss tokens (padding, prompts) out of sums and gradients.
@@ -70,7 +72,7 @@ def micro_batch_loss(
     token_loss, indicators = ppo_token_loss(
         logp, micro["old_logp"], micro["advantages"], algorithm.clip_low, algorithm.clip_high, algorithm.clip_c
     )
-    sums = {"loss_tokens": jnp.sum(mask.astype(jnp.float32)), "entropy": jnp.sum(masked(entropy))}
+    sums = {"loss_tokens": jnp.sum(mask.astype(jnp.float32))}
     if "rollout_logp" in micro:
         weight = truncated_is_weight(micro["old_logp"], micro["rollout_logp"], algorithm.tis_cap)
         token_loss = token_loss * weight
@@ -160,6 +162,7 @@ class TrainStep:
             self._logprobs_fn,
             in_shardings=(self.state_shardings.params, self._micro_sharding, replicated),
             out_shardings=replicated,  # every process reads the whole result back
+            static_argnums=3,
         )
 
     # ------------------------------------------------------------------------------------------- public
@@ -190,27 +193,45 @@ class TrainStep:
         rate, which verl changes once per training step); `state` is consumed (its buffers are reused).
 
         Returns the new state and SPEC 9 metrics as device scalars (`jax.device_get` them when logging):
-        actor/pg_loss (the mini-batch loss), actor/{pg_clipfrac,pg_clipfrac_lower,ppo_kl,entropy} (means over
+        actor/pg_loss (the mini-batch loss), actor/{pg_clipfrac,pg_clipfrac_lower,ppo_kl} (means over
         the mini-batch's loss tokens), actor/grad_norm (before clipping), actor/lr (of this update),
-        actor/skipped_updates (so far), actor/kl_loss when the KL term is on, and actor/tis_weight (token mean)
-        when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
+        actor/skipped_updates (so far), actor/{kl_loss,kl_coef} when the KL term is on, and actor/tis_weight
+        (token mean) when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
         norm is not finite leaves parameters and optimizer state as they were.
         """
         with jax.set_mesh(self.mesh):  # attention kernels split themselves by this mesh
             return self._update(state, *self._update_arguments(batch, train_step))
+
+    def update_epochs(
+        self, state: TrainState, batches: list[PackedBatch], train_step: int
+    ) -> tuple[TrainState, dict[str, float]]:
+        """verl's PPO epochs: `algorithm.ppo_epochs` passes over the step's mini-batches in order, one `update`
+        each, every batch keeping the old log-probs computed before the first update. Returns the final state and
+        each metric's mean over the updates."""
+        totals: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+        for _ in range(self.algorithm.ppo_epochs):
+            for batch in batches:
+                state, metrics = self.update(state, batch, train_step)
+                for name, value in jax.device_get(metrics).items():
+                    totals[name].append(float(value))
+        return state, {name: float(np.mean(values)) for name, values in totals.items()}
 
     def lower_update(self, state: TrainState, batch: PackedBatch) -> jax.stages.Lowered:
         """`update` lowered for this batch's shapes, e.g. for `.compile().memory_analysis()`."""
         with jax.set_mesh(self.mesh):
             return self._update.lower(state, *self._update_arguments(batch, 0))
 
-    def logprobs(self, params: nnx.State, batch: PackedBatch) -> np.ndarray:
+    def logprobs(
+        self, params: nnx.State, batch: PackedBatch, with_entropy: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """[rows, length] log-probs of `batch.targets` under `params` (temperature applied), aligned like
-        `batch.loss_mask`: `batch.response_values(...)` cuts them into per-response arrays."""
+        `batch.loss_mask`: `batch.response_values(...)` cuts them into per-response arrays. `with_entropy`:
+        also the entropy of each position's full next-token distribution, from the same log-softmax."""
         micro_batches, num_micro = self._device_micro_batches(batch, LOGPROB_INPUTS)
         with jax.set_mesh(self.mesh):
-            out = np.asarray(self._logprobs(params, micro_batches, num_micro))
-        return out[: int(num_micro)].reshape(batch.tokens.shape)
+            out = jax.device_get(self._logprobs(params, micro_batches, num_micro, with_entropy))
+        values = tuple(np.asarray(a)[: int(num_micro)].reshape(batch.tokens.shape) for a in out)
+        return values if with_entropy else values[0]
 
     # ------------------------------------------------------------------------------------ jitted bodies
     def _update_fn(self, state: TrainState, micro_batches: dict[str, jax.Array], num_micro: jax.Array,
@@ -238,6 +259,7 @@ class TrainStep:
         metrics.update({f"actor/{name}": sums[name] / tokens for name in TOKEN_MEAN_METRICS})
         if "kl_loss" in sums:
             metrics["actor/kl_loss"] = sums["kl_loss"]
+            metrics["actor/kl_coef"] = jnp.float32(self.algorithm.kl.coef)
         if "tis_weight" in sums:
             metrics["actor/tis_weight"] = sums["tis_weight"] / tokens
         metrics.update({
@@ -247,18 +269,20 @@ class TrainStep:
         })
         return new_state, metrics
 
-    def _logprobs_fn(self, params: nnx.State, micro_batches: dict[str, jax.Array], num_micro: jax.Array):
+    def _logprobs_fn(self, params: nnx.State, micro_batches: dict[str, jax.Array], num_micro: jax.Array,
+                     with_entropy: bool):
         self.compilations["logprobs"] += 1
 
         def body(index, out):
             micro = _micro_batch(micro_batches, index)
-            logp, _ = token_logprobs(
+            values = token_logprobs(
                 nnx.merge(self.graphdef, params), micro["tokens"], micro["positions"], micro["segment_ids"],
-                micro["targets"], self.temperature, self.algorithm.logits_chunk_tokens, with_entropy=False,
+                micro["targets"], self.temperature, self.algorithm.logits_chunk_tokens, with_entropy=with_entropy,
             )
-            return jax.lax.dynamic_update_index_in_dim(out, logp, index, axis=0)
+            return tuple(jax.lax.dynamic_update_index_in_dim(o, v, index, axis=0) for o, v in zip(out, values))
 
-        out = jnp.zeros(micro_batches["tokens"].shape, jnp.float32)
+        # (log-probs,) or (log-probs, entropies)
+        out = (jnp.zeros(micro_batches["tokens"].shape, jnp.float32),) * (2 if with_entropy else 1)
         return jax.lax.fori_loop(0, num_micro, body, out)
 
     # ----------------------------------------------------------------------------------------- helpers
