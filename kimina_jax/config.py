@@ -4,6 +4,9 @@ One dataclass per stage; a stage receives only its own section. Values that one 
 another (e.g. `rollout.max_tokens` from `data.max_response_length`) are filled in at load time so that
 each stage still needs only its own section. Secrets (the Lean server API key) come from the environment
 only and are never written anywhere.
+
+Over 400 lines on purpose: every section's dataclass, with each key's default and comment, is the configuration
+reference users read, and the loading and checks beside it are the one place each key is interpreted.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # activations / compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["auto", "xla", "cudnn", "triton", "splash"] = "auto"  # auto: cuDNN on GPU, splash on TPU
-    remat: Literal["none", "full", "save_dots"] = "full"  # backward recomputation (models/qwen3.py RematPolicy)
+    remat: Literal["none", "full", "save_dots"] = "full"  # backward recomputation (models/qwen3/model.py RematPolicy)
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
 
 
@@ -282,13 +285,19 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
+class SharedSections:
+    """The sections training and evaluation both read: one class, one default, one check each."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     verifier: VerifierConfig = dataclasses.field(default_factory=VerifierConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig(SharedSections):
+    experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -402,16 +411,20 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise KiminaError(f"override '{item}' must look like dotted.key=value")
-        value = yaml.safe_load(text) if text.strip() else ""
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise KiminaError(f"override '{item}': '{part}' is not a section")
-            node = child
-        node[last] = value
+        _set(data, key, yaml.safe_load(text) if text.strip() else "", f"override '{item}'")
     return data
+
+
+def _set(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """Set `dotted.key` of a raw config mapping, making the sections on the way."""
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise KiminaError(f"{what}: '{part}' is not a section")
+        node = child
+    node[last] = value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -652,3 +665,78 @@ def save_resolved(cfg: TrainConfig, run_dir: str | os.PathLike) -> Path:
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     path.write_text("# Resolved config of this run (secrets excluded).\n" + text, encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@dataclasses.dataclass
+class EvalRunConfig:
+    """The `eval` section: what only evaluation has. The rest comes from the sections training reads too: sampling
+    from `rollout.val`, the engine from `rollout`, lengths and the fix-turn feedback limit from `data`."""
+
+    model: str | None = None  # required: an HF folder, a training run folder (its newest checkpoint) or a step folder
+    dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)  # files: one MiniF2F file or Hub name
+    split: str | None = "test"  # keep rows whose `split` column has this value (all rows when there is no such column)
+    n: int = 32  # samples per problem
+    k: list[int] = dataclasses.field(default_factory=lambda: [1, 8, 32])  # pass@k / best@k sizes
+    error_fix: bool = False  # one fix attempt per failed sample with feedback (SPEC 7)
+    out: str = "results"  # output folder; a rerun with the same one resumes
+    seed: int = 0
+    batch_problems: int = 64  # problems per generate call
+
+
+@dataclasses.dataclass
+class EvalConfig(SharedSections):
+    """`python -m kimina_jax.evaluate`: the sections it shares with `TrainConfig` (same classes, same resolution and
+    checks) and its own `eval` section."""
+
+    eval: EvalRunConfig = dataclasses.field(default_factory=EvalRunConfig)
+
+
+# What evaluation takes from the saved config of the training run it evaluates, when its own config does not say.
+RUN_LENGTHS = ("data.max_prompt_length", "data.max_response_length")
+
+
+def load_eval_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> EvalConfig:
+    """Evaluation's config from a YAML file (a training recipe serves; None: the defaults) and `dotted.key=value`
+    overrides. The shared sections are built, resolved and checked as training's (training-only sections are
+    checked too, then left out); `run_config` (the evaluated run's saved config) fills in RUN_LENGTHS."""
+    recipe = None if path is None else resolve_recipe_path(path)
+    source = "<command line>" if recipe is None else str(recipe)
+    data = apply_overrides({} if recipe is None else _read_yaml(recipe), overrides)
+    run = _convert(data.pop("eval", None) or {}, EvalRunConfig, "eval", source)
+    _check_eval(run, source)
+    for key in RUN_LENGTHS:
+        saved = _lookup(run_config or {}, key)
+        if _lookup(data, key) is None and saved is not None:
+            _set(data, key, saved, f"{key} of the evaluated run")
+    shared = config_from_dict(data, env=env, source=source)
+    return EvalConfig(
+        model=shared.model, data=shared.data, rollout=shared.rollout, verifier=shared.verifier, reward=shared.reward,
+        eval=run,
+    )
+
+
+def _check_eval(run: EvalRunConfig, source: str) -> None:
+    def fail(message: str) -> None:
+        raise KiminaError(f"{source}: {message}")
+
+    if not run.model:
+        fail("'eval.model' (--model) is required: an HF folder, a training run folder or a checkpoint step folder")
+    if len(run.dataset.files) != 1:
+        fail(f"'eval.dataset.files' (--dataset) must name one MiniF2F file or Hub dataset, got {run.dataset.files}")
+    for key, value in {"eval.n": run.n, "eval.batch_problems": run.batch_problems}.items():
+        if value < 1:
+            fail(f"'{key}' must be >= 1, got {value}")
+    if not run.k or min(run.k) < 1:
+        fail(f"'eval.k' must be a non-empty list of positive integers, got {run.k}")
+    if run.n < max(run.k):
+        fail(
+            f"eval.n: --n {run.n} is smaller than the largest --k ({max(run.k)}): pass@{max(run.k)} needs at least "
+            f"{max(run.k)} samples per problem; raise eval.n or drop that k"
+        )

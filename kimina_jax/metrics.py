@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -94,6 +94,29 @@ def memory_stats(device_stats: Sequence[Mapping[str, int] | None]) -> dict[str, 
         values = [s[key] for s in device_stats if s and key in s]
         if values:
             out[f"perf/max_memory_{name}_gb"] = max(values) / 1024**3
+    return out
+
+
+def perf_stats(
+    samples: Sequence[Sample],
+    trained: Sequence[int],
+    timings: Mapping[str, float],
+    training_flops: Callable[[Sequence[int]], float],
+    peak_tflops: float | None,
+    num_devices: int,
+    device_stats: Sequence[Mapping[str, int] | None],
+) -> dict[str, float]:
+    """`perf/total_num_tokens`, `timing_per_token_ms/*`, device memory and, when `peak_tflops` (per device) is
+    known, `perf/mfu`: the model FLOPs of the update (`training_flops` of the `trained` samples' lengths) over its
+    time (`timing_s/update_actor`) on all devices."""
+    prompt_tokens = sum(len(s.prompt.token_ids) for s in samples)
+    response_tokens = sum(len(s.completion.token_ids) for s in samples)
+    out = {"perf/total_num_tokens": float(prompt_tokens + response_tokens)}
+    out.update(timing_per_token_ms(timings, prompt_tokens, response_tokens))
+    out.update(memory_stats(device_stats))
+    if peak_tflops:
+        lengths = [len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids) for i in trained]
+        out["perf/mfu"] = training_flops(lengths) / (timings["timing_s/update_actor"] * num_devices * peak_tflops * 1e12)
     return out
 
 

@@ -56,6 +56,10 @@ class MainProcessRewarder:
         """Process 0's verifier; None elsewhere."""
         return None if self.rewarder is None else self.rewarder.verifier
 
+    def verifier_stats(self) -> dict[str, float]:
+        """Process 0's `Verifier.stats()`; empty elsewhere."""
+        return {} if self.rewarder is None else self.rewarder.verifier.stats()
+
     def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
         if self.rewarder is None:
             return [PendingSample(prompt, completion, None, None) for completion in completions]

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,7 @@ from kimina_jax.checkpoint import Checkpointer, write_model_files
 from kimina_jax.config import TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError
-from kimina_jax.evaluate import sample_record, validate
+from kimina_jax.eval import dump_samples, validate
 from kimina_jax.grpo import (
     PackItem,
     ReferencePolicy,
@@ -59,7 +57,7 @@ from kimina_jax.parallel import (
 from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts
 from kimina_jax.reward import FormatError, Rewarder
 from kimina_jax.rollout import SamplingParams, logprob_diff
-from kimina_jax.rollout.factory import make_engine
+from kimina_jax.rollout.factory import make_engine, share_accelerator_with_vllm
 from kimina_jax.types import Sample
 
 log = logging.getLogger("kimina_jax.train")
@@ -132,10 +130,8 @@ class Trainer:
         self.step = 0
         self._text_samples: list[Sample] = []
         self.stop = StopRequested()
-        # Off-policy: the next step's rollouts, generating while this step trains, and the data position before
-        # their prompts were drawn (a checkpoint taken meanwhile makes a resumed run draw them again).
+        # Off-policy: the next step's rollouts, generating while this step trains.
         self._next_rollouts: StepRollouts | None = None
-        self._data_before_next: dict | None = None
 
     def _load_model(self):
         m = self.cfg.model
@@ -181,76 +177,77 @@ class Trainer:
         self.close()
 
     def train_step(self) -> dict[str, float]:
-        cfg, metrics = self.cfg, {}
-        rollouts = self._next_rollouts or self._start_rollouts(self.step)
-        self._next_rollouts = None
-        samples, rollout_timings = rollouts.finish()
-        metrics.update(rollout_timings)
-        if cfg.algorithm.off_policy and self.step < self.steps_total:
-            # Step t+1's rollouts sample with the weights step t starts from, while step t trains.
-            self._next_rollouts = self._start_rollouts(self.step + 1, background=True)
-        prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
-        verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
-        scores = np.array([samples[i].score for i in verified], np.float32)
-        group_ids = np.array([i // cfg.rollout.n for i in verified], np.int32)
-        advantages = np.asarray(grpo_advantages(scores, group_ids, cfg.algorithm.norm_adv_by_std))
+        """One GRPO step, stage by stage as in DESIGN.md: rollouts -> advantages and packing -> old (and reference)
+        log-probs -> updates -> weight sync -> error-fix feedback -> metrics."""
+        samples, metrics = self._rollouts()
+        verified, advantages = self._advantages(samples)
         batches = self._pack(samples, verified, advantages)
         if self._next_rollouts is None:
             self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
         with timed(metrics, "old_log_prob"):
             batches, entropies = self._old_logprobs(batches)
-        metrics["actor/entropy"] = batch_agg_metric(
-            entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length
-        )
         if self.reference is not None:
             with timed(metrics, "ref"):
                 batches = [(dataclasses.replace(b, ref_logp=self.reference.logprobs(b)), idx) for b, idx in batches]
-        metrics.update(self._logprob_diff(samples, batches))
         with timed(metrics, "update_actor"):
             self.state, actor = self.step_fn.update_epochs(self.state, [b for b, _ in batches], self.step - 1)
+        self._sync_weights(metrics)
+        metrics.update(self._error_fix_feedback(samples))
+        metrics.update(actor)
+        metrics.update(self._logprob_diff(samples, batches))
+        metrics.update(self._step_metrics(samples, verified, advantages, entropies, metrics))
+        self._text_samples = samples
+        if self.is_main and self.cfg.logging.dump_rollouts:
+            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", samples)
+        return metrics
+
+    def _rollouts(self) -> tuple[list[Sample], dict[str, float]]:
+        """This step's scored samples (generated ahead in off-policy mode) and their timings; off-policy, the next
+        step's rollouts start here, sampling with the weights this step starts from."""
+        rollouts = self._next_rollouts
+        if rollouts is not None:
+            self.data.use_ahead()
+        else:
+            rollouts = self._start_rollouts(self.step)
+        self._next_rollouts = None
+        samples, timings = rollouts.finish()
+        if self.cfg.algorithm.off_policy and self.step < self.steps_total:
+            self._next_rollouts = self._start_rollouts(self.step + 1, ahead=True)
+        return samples, dict(timings)
+
+    def _advantages(self, samples: list[Sample]) -> tuple[list[int], np.ndarray]:
+        """The verified samples' indices and their group-relative advantages (unverified ones are left out)."""
+        verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
+        scores = np.array([samples[i].score for i in verified], np.float32)
+        group_ids = np.array([i // self.cfg.rollout.n for i in verified], np.int32)
+        return verified, np.asarray(grpo_advantages(scores, group_ids, self.cfg.algorithm.norm_adv_by_std))
+
+    def _sync_weights(self, metrics: dict[str, float]) -> None:
         if self._next_rollouts is not None:
             with timed(metrics, "gen_wait"):
                 self._next_rollouts.wait_generated()  # before the engine's weights change
         with timed(metrics, "sync_weights"):
             self.engine.wake()
             self.engine.update_weights(self._engine_weights())
-        fix_prompts, fix_counts = build_fix_prompts(
-            samples, self.renderer, cfg.data.error_fix.max_feedback_chars, cfg.data.error_fix.enabled
-        )
-        if self.data.fix_cache is not None:
-            self.data.fix_cache.add(fix_prompts)
-        metrics.update(actor)
-        metrics.update(self._sample_metrics(samples, verified, advantages, prompts))
-        metrics.update(fix_counts)
-        # Step t trains on the data's global batch t - 1 (resumed runs restore that position), as verl counts.
-        metrics["training/global_step"] = self.step
-        metrics["training/epoch"] = (self.step - 1) // self.data.steps_per_epoch
-        prompt_tokens = sum(len(s.prompt.token_ids) for s in samples)
-        response_tokens = sum(len(s.completion.token_ids) for s in samples)
-        metrics["perf/total_num_tokens"] = prompt_tokens + response_tokens
-        metrics.update(stats.timing_per_token_ms(metrics, prompt_tokens, response_tokens))
-        metrics.update(stats.memory_stats([d.memory_stats() for d in jax.local_devices()]))
-        peak = cfg.trainer.peak_tflops_per_device
-        if peak:  # model FLOPs utilisation of the policy update
-            lengths = [len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids) for i in verified]
-            flops = self.model.config.training_flops(lengths)
-            metrics["perf/mfu"] = flops / (metrics["timing_s/update_actor"] * jax.device_count() * peak * 1e12)
-        self._text_samples = samples
-        if self.is_main and cfg.logging.dump_rollouts:
-            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", samples)
-        return metrics
 
-    def _start_rollouts(self, step: int, background: bool = False) -> StepRollouts:
-        """Draw training step `step`'s prompts (this process's share) and set up their rollouts."""
-        if background:
-            self._data_before_next = self.data.state_dict()
-        prompts = self.data.next_batch()
+    def _error_fix_feedback(self, samples: list[Sample]) -> dict[str, int]:
+        """Failed samples with Lean feedback become turn-2 prompts (when the fix turn is on); their counts."""
+        fix = self.cfg.data.error_fix
+        prompts, counts = build_fix_prompts(samples, self.renderer, fix.max_feedback_chars, fix.enabled)
+        if self.data.fix_cache is not None:
+            self.data.fix_cache.add(prompts)
+        return counts
+
+    def _start_rollouts(self, step: int, ahead: bool = False) -> StepRollouts:
+        """Draw training step `step`'s prompts (this process's share) and set up their rollouts; `ahead`: for the
+        next step, generating in the background while this one trains."""
+        prompts = self.data.next_batch(ahead=ahead)
         rollouts = StepRollouts(
             self.engine, self.rewarder, prompts, jax.process_index() * len(prompts),
             self._sampling(self.cfg.rollout.n, step=step), self.cfg.rollout.overlap_chunks,
             progress=f"step {step}" if self.is_main and self.cfg.logging.progress_bars else None,
         )
-        if background:
+        if ahead:
             rollouts.start_in_background()
         return rollouts
 
@@ -317,13 +314,15 @@ class Trainer:
         diff = logprob_diff(completions, trainer)
         return {"rollout/logprob_diff_mean": diff.mean, "rollout/logprob_diff_max": diff.max}
 
-    def _sample_metrics(self, samples, verified, advantages, prompts) -> dict[str, float]:
-        cfg = self.cfg
+    def _step_metrics(self, samples, verified, advantages, entropies, timings) -> dict[str, float]:
+        """verl's step metrics (SPEC 9) from the step's samples; `timings` holds its `timing_s/*` so far."""
+        cfg, trainer = self.cfg, self.cfg.trainer
         kept = [samples[i] for i in verified]
         lengths = [len(samples[i].completion.token_ids) for i in verified]
         scores = [s.score for s in kept] or [0.0]
         advantages, lengths = (advantages, lengths) if kept else ([0.0], [1])
-        out = {
+        prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
+        return {
             **stats.score_stats(scores),
             **stats.score_stats(scores, name="rewards"),
             **stats.advantage_stats(advantages, lengths),
@@ -331,13 +330,18 @@ class Trainer:
             **stats.length_stats("response_length", [len(s.completion.token_ids) for s in samples], cfg.rollout.max_tokens),
             **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
             **stats.format_error_counts(samples, [str(e) for e in FormatError]),
+            "actor/entropy": batch_agg_metric(entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length),
             "reward/unverified": float(len(samples) - len(verified)),
             "reward/accuracy": float(np.mean([s.acc for s in kept])) if kept else 0.0,
+            **self.rewarder.verifier_stats(),
+            # Step t trains on the data's global batch t - 1 (resumed runs restore that position), as verl counts.
+            "training/global_step": self.step,
+            "training/epoch": (self.step - 1) // self.data.steps_per_epoch,
+            **stats.perf_stats(
+                samples, verified, timings, self.model.config.training_flops, trainer.peak_tflops_per_device,
+                jax.device_count(), [d.memory_stats() for d in jax.local_devices()],
+            ),
         }
-        hit_rate = getattr(self.rewarder.verifier, "cache_hit_rate", None)
-        if hit_rate is not None:
-            out["reward/cache_hit_rate"] = float(hit_rate)
-        return out
 
     def _validate(self, log_now: bool = True) -> dict[str, float]:
         metrics = {}
@@ -345,7 +349,7 @@ class Trainer:
             val_metrics, samples = validate(
                 self.val_engine, self.rewarder, self.val_prompts,
                 self._sampling(self.cfg.rollout.val.n, val=True),
-                self.renderer, error_fix=self.cfg.data.error_fix.enabled,
+                self.renderer, error_fix=self.cfg.data.error_fix,
                 data_source=self.cfg.data.val.name or "val",
                 progress=self.is_main and self.cfg.logging.progress_bars,
             )
@@ -356,16 +360,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        data = self.data.state_dict()
-        fix_cache = self.data.fix_cache.state_dict() if self.data.fix_cache is not None else None
-        if self._next_rollouts is not None:  # the next step's prompts were drawn ahead: a resumed run draws them again
-            data = self._data_before_next
-            if fix_cache is not None:
-                fix_cache = {**fix_cache, "draws": fix_cache["draws"] - 1}  # drawing a batch draws once from it
         loop_state = {
             "step": self.step,
-            "data": data,
-            "fix_cache": fix_cache,
+            "data": self.data.state_dict(),  # before prompts drawn ahead: a resumed run draws them again
             "optimizer_updates": int(self.state.step),
             "skipped_updates": int(self.state.skipped_updates),
         }
@@ -388,8 +385,6 @@ class Trainer:
             skipped_updates=jax.device_put(np.int32(loop["skipped_updates"]), self.state.skipped_updates.sharding),
         )
         self.data.load_state_dict(loop["data"])
-        if self.data.fix_cache is not None and loop.get("fix_cache") is not None:
-            self.data.fix_cache.load_state_dict(loop["fix_cache"])
         self.step = int(loop["step"])
         self.engine.update_weights(self._engine_weights())
         log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
@@ -401,32 +396,11 @@ class Trainer:
         self.checkpointer.close()
 
 
-def dump_samples(path: Path, samples: list[Sample]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(sample_record(sample), ensure_ascii=False) + "\n")
-
-
 @contextlib.contextmanager
 def timed(metrics: dict, name: str):
     start = time.perf_counter()
     yield
     metrics[f"timing_s/{name}"] = time.perf_counter() - start
-
-
-def share_accelerator_with_vllm(rollout_cfg) -> None:
-    """With vLLM in this process, JAX must leave it GPU memory: a fixed fraction, or allocate on demand.
-
-    Must run before JAX initialises its backends (XLA reads these variables once).
-    """
-    if rollout_cfg.engine != "vllm":
-        return
-    fraction = rollout_cfg.vllm.jax_memory_fraction
-    if fraction is not None:
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
-    else:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def main(argv=None) -> int:

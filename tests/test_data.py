@@ -299,17 +299,41 @@ def test_resume_continues_the_same_order_with_fix_cache():
     for step in range(3):
         first.next_batch()
         cache_a.add(fix[step % 5 : step % 5 + 1])
-    saved = json.loads(json.dumps({"data": first.state_dict(), "fix": cache_a.state_dict()}))  # as in a checkpoint
+    saved = json.loads(json.dumps(first.state_dict()))  # as in a checkpoint: the position and the fix cache
 
     resumed, cache_b = make()
-    resumed.load_state_dict(saved["data"])
-    cache_b.load_state_dict(saved["fix"])
+    resumed.load_state_dict(saved)
     rest = []
     for step in range(3, 7):
         rest.append(ids(resumed.next_batch()))
         cache_b.add(fix[step % 5 : step % 5 + 1])
     assert rest == batches[3:]
     assert any(s.startswith("fix") for s in sum(batches, []))
+
+
+def test_a_batch_drawn_ahead_is_drawn_again_after_a_resume():
+    """Off-policy: step t+1's batch is drawn while step t trains; a checkpoint of step t must not skip it."""
+    data = fake_prompts(9)
+
+    def make():
+        cache = FixCache(size=4, rate=0.5, seed=3)
+        cache.add([Prompt(f"fix{i}", (), "", (), turn=2) for i in range(3)])
+        return PromptIterator(data, batch_size=4, seed=1, fix_cache=cache)
+
+    straight = make()
+    expected = [ids(straight.next_batch()) for _ in range(3)]
+    running = make()
+    running.next_batch()
+    before = running.state_dict()
+    assert ids(running.next_batch(ahead=True)) == expected[1]
+    saved = json.loads(json.dumps(running.state_dict()))  # a checkpoint of step 1, taken while batch 2 generates
+    assert saved == json.loads(json.dumps(before))
+    resumed = make()
+    resumed.load_state_dict(saved)
+    assert [ids(resumed.next_batch()) for _ in range(2)] == expected[1:]
+    running.use_ahead()  # step 2 trains on it: checkpoints move past it
+    state = running.state_dict()
+    assert (state["epoch"], state["batch"], state["fix_cache"]["draws"]) == (1, 0, 2)  # 2 batches an epoch
 
 
 def test_resume_with_other_data_is_refused():

@@ -1,6 +1,7 @@
-"""Evaluation (SPEC 8): the metric formulas against independent computations, the turn-2 bookkeeping, `validate`,
-and the CLI end to end on 8 MiniF2F test statements (tests/fixtures/minif2f_test8.jsonl: the first 8 `test` rows
-of ../shared/data/minif2f.jsonl) against the real Kimina Lean Server with the stand-in REPL (NOT Lean).
+"""Evaluation (SPEC 8): the fix-turn targets, `validate`, the config evaluation reads (training's sections and
+recipes; the short flags as aliases), and the CLI end to end on 8 MiniF2F test statements
+(tests/fixtures/minif2f_test8.jsonl: the first 8 `test` rows of ../shared/data/minif2f.jsonl) against the real
+Kimina Lean Server with the stand-in REPL (NOT Lean).
 
 A random tiny model would never write a proof, so the end-to-end tests use a tiny Qwen3 first trained (a few
 seconds of Adam) to answer three prompts with fixed responses the stand-in judges:
@@ -12,9 +13,7 @@ acc_turn_2 = 2/8 (A and B) for every metric.
 """
 from __future__ import annotations
 
-import itertools
 import json
-from fractions import Fraction
 from pathlib import Path
 
 import jax
@@ -25,162 +24,21 @@ import pytest
 from flax import nnx
 
 from kimina_jax.checkpoint import Checkpointer, write_model_files
-from kimina_jax.config import DatasetConfig, TinyModelConfig
+from kimina_jax.config import DatasetConfig, ErrorFixConfig, TinyModelConfig
 from kimina_jax.data import PromptRenderer, build_fix_prompts, build_tiny_tokenizer, load_prompt_dataset
-from kimina_jax.eval_metrics import bootstrap_extremes, problem_metrics
-from kimina_jax.evaluate import (
-    Outcome,
-    fix_targets,
-    format_table,
-    main,
-    pass_at_k,
-    summarize,
-    turn_values,
-    val_metric_names,
-    validate,
-)
+from kimina_jax.eval import fix_targets, summarize, validate
+from kimina_jax.evaluate import format_table, main
 from kimina_jax.models import save_hf_checkpoint
 from kimina_jax.models.tiny import build_tiny_model
 from kimina_jax.reward import Rewarder, StandinVerifier
 from kimina_jax.rollout import JaxSampler, SamplingParams, make_completion
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
 from tests.lean_harness.server import FaultProxy
+from tests.test_eval_metrics import VALUES
 
 MINIF2F_8 = Path(__file__).parent / "fixtures/minif2f_test8.jsonl"
 PROBLEM_A, PROBLEM_B = "mathd_numbertheory_3", "numbertheory_4x3m7y3neq2003"
 MAX_PROMPT, MAX_TOKENS = 512, 96
-
-
-# ---------------------------------------------------------------------------------------------- formulas
-def pass_at_k_by_counting(n: int, c: int, k: int) -> Fraction:
-    """The fraction of k-subsets of n samples (the first c correct) holding a correct one."""
-    subsets = list(itertools.combinations(range(n), k))
-    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
-
-
-def test_pass_at_k_is_the_subset_count():
-    for n in range(1, 8):
-        for c in range(n + 1):
-            for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(float(pass_at_k_by_counting(n, c, k)), abs=1e-12)
-
-
-def test_pass_at_k_edges():
-    for n in (1, 8, 32):
-        for k in range(1, n + 1):
-            assert pass_at_k(n, 0, k) == 0.0
-            assert pass_at_k(n, n, k) == 1.0
-        for c in range(1, n + 1):
-            assert pass_at_k(n, c, n) == 1.0
-        assert pass_at_k(n, 1, 1) == pytest.approx(1 / n)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
-
-
-def verl_bootstrap(values: list[float], k: int) -> dict[str, float]:
-    """verl's bootstrap_metric(..., reduce_fns=[np.max, np.min]) as verl writes it: the global RNG seeded with 42,
-    1000 resamples drawn one by one, both statistics of each resample, then np.mean and np.std of each list."""
-    np.random.seed(42)
-    maxima, minima = [], []
-    for _ in range(1000):
-        resample = [values[i] for i in np.random.choice(len(values), size=k, replace=True)]
-        maxima.append(max(resample))
-        minima.append(min(resample))
-    return {
-        f"best@{k}/mean": np.mean(maxima), f"best@{k}/std": np.std(maxima),
-        f"worst@{k}/mean": np.mean(minima), f"worst@{k}/std": np.std(minima),
-    }
-
-
-@pytest.mark.parametrize("values", [[0, 0, 1, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 0], [0] * 8, [1] * 4, [0, 1]])
-def test_bootstrap_extremes_are_verls_bootstrap(values):
-    for k in (1, 2, 4, 8, 16):
-        ours = bootstrap_extremes(values, k)
-        assert ours == pytest.approx(verl_bootstrap(values, k), abs=1e-12)
-        # And near their expectations, 1 - (1 - c/m)^k and (c/m)^k, within 4 standard errors of a 1000-draw mean;
-        # a 0/1 statistic with mean p has population std sqrt(p (1 - p)).
-        p = sum(values) / len(values)
-        for name, expected in ((f"best@{k}", 1 - (1 - p) ** k), (f"worst@{k}", p**k)):
-            assert abs(ours[f"{name}/mean"] - expected) <= 4 * np.sqrt(expected * (1 - expected) / 1000) + 1e-12
-            mean = ours[f"{name}/mean"]
-            assert ours[f"{name}/std"] == pytest.approx(np.sqrt(mean * (1 - mean)), abs=1e-12)
-
-
-def test_bootstrap_extremes_of_equal_values_have_no_spread():
-    assert bootstrap_extremes([1.0] * 5, 4) == {"best@4/mean": 1.0, "best@4/std": 0.0, "worst@4/mean": 1.0,
-                                                "worst@4/std": 0.0}
-
-
-def test_problem_metrics_names_count_the_samples_asked_for():
-    values = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # one of 8 left out
-    metrics = problem_metrics(values, n=8, ks=(1, 8))
-    bootstrap = {f"{side}@{k}/{stat}" for side in ("best", "worst") for k in (1, 2, 4, 8) for stat in ("mean", "std")}
-    assert set(metrics) == {"mean@8", "std@8", "pass@1"} | bootstrap
-    assert metrics["mean@8"] == pytest.approx(2 / 7)
-    assert metrics["std@8"] == pytest.approx(np.sqrt(2 / 7 * 5 / 7))  # population std of 2 ones among 7
-    assert metrics["worst@4/std"] == pytest.approx(verl_bootstrap(values, 4)["worst@4/std"], abs=1e-12)
-    assert metrics["pass@1"] == pytest.approx(2 / 7)  # pass@8 needs 8 judged samples: left out
-    assert problem_metrics([], n=8, ks=(1,)) == {}
-
-
-def test_std_and_bootstrap_sizes_follow_verl():
-    assert problem_metrics([0.0, 1.0, 1.0, 0.0], n=4)["std@4"] == 0.5  # deviations all 1/2
-    assert problem_metrics([1.0], n=1) == {"mean@1": 1.0}  # one sample: no spread, no bootstrap
-    # verl's sizes: powers of two below n, then n itself.
-    sizes = {int(name.split("@")[1].split("/")[0]) for name in problem_metrics([0.0, 1.0] * 3, n=6) if "@" in name}
-    assert sizes == {2, 4, 6}
-
-
-# ---------------------------------------------------------------------------------------------- turn 2
-def test_turn_values_count_solved_within_one_fix():
-    solved, failed, unjudged = Outcome(True, True), Outcome(True, False), Outcome(False, False)
-    pairs = [
-        (solved, None),  # solved at turn 1
-        (failed, solved),  # fixed
-        (failed, failed),  # fix failed
-        (failed, None),  # no fix attempt (no feedback): stays a failure
-        (failed, unjudged),  # fix not verified: left out of turn 2 only
-        (unjudged, None),  # not verified: left out of both
-    ]
-    assert turn_values(pairs) == {"acc_turn_1": [1, 0, 0, 0, 0], "acc_turn_2": [1, 1, 0, 0]}
-
-
-VALUES = {  # per problem: turn 1 solves 1 of 4 samples, within one fix 3 of 4
-    "a": {"acc_turn_1": [0.0, 1.0], "acc_turn_2": [1.0, 1.0]},
-    "b": {"acc_turn_1": [0.0, 0.0], "acc_turn_2": [0.0, 1.0]},
-}
-
-
-def test_headline_acc_is_turn_1_with_or_without_error_fix():
-    with_fix, per_problem = summarize(VALUES, 2, (1, 2), error_fix=True)
-    assert with_fix["acc"] == with_fix["acc_turn_1"]
-    assert with_fix["acc_turn_1"]["mean@2"] == 0.25 and with_fix["acc_turn_2"]["mean@2"] == 0.75
-    assert with_fix["acc_turn_2"]["pass@2"] == 1.0 and per_problem["b"]["acc_turn_1"]["pass@2"] == 0.0
-    names = val_metric_names(with_fix, "minif2f_test", 2)
-    # verl's rule: only the core variable's mean / maj / best at the largest size is val-core.
-    core = {name: value for name, value in names.items() if name.startswith("val-core/")}
-    turn_1_best = (verl_bootstrap([0.0, 1.0], 2)["best@2/mean"] + 0.0) / 2  # problem b never solves turn 1
-    turn_1_best_std = (verl_bootstrap([0.0, 1.0], 2)["best@2/std"] + 0.0) / 2
-    assert core == pytest.approx({
-        "val-core/minif2f_test/acc/mean@2": 0.25,
-        "val-core/minif2f_test/acc/best@2/mean": turn_1_best,
-        "val-core/minif2f_test/acc/best@2/std": turn_1_best_std,
-    }, abs=1e-12)
-    turn_2_best = (1.0 + verl_bootstrap([0.0, 1.0], 2)["best@2/mean"]) / 2
-    assert names["val-aux/minif2f_test/acc_turn_2/mean@2"] == 0.75 > names["val-core/minif2f_test/acc/mean@2"]
-    assert names["val-aux/minif2f_test/acc_turn_2/best@2/mean"] == pytest.approx(turn_2_best, abs=1e-12)
-    assert names["val-aux/minif2f_test/acc_turn_1/best@2/mean"] == pytest.approx(turn_1_best, abs=1e-12)
-    # The other statistics: std@2 is 1/2 for [0, 1] and 0 for equal values; worst@2 of [0, 1] by verl's bootstrap.
-    assert names["val-aux/minif2f_test/acc/std@2"] == 0.25 and names["val-aux/minif2f_test/acc_turn_2/std@2"] == 0.25
-    worst = verl_bootstrap([0.0, 1.0], 2)
-    assert names["val-aux/minif2f_test/acc/worst@2/mean"] == pytest.approx(worst["worst@2/mean"] / 2, abs=1e-12)
-    assert names["val-aux/minif2f_test/acc/worst@2/std"] == pytest.approx(worst["worst@2/std"] / 2, abs=1e-12)
-    assert names["val-aux/minif2f_test/acc_turn_2/worst@2/mean"] == pytest.approx(
-        (1.0 + worst["worst@2/mean"]) / 2, abs=1e-12
-    )
-    assert "val-aux/minif2f_test/acc/pass@2" in names and "val-aux/minif2f_test/acc/best@1/mean" in names
-    without_fix, _ = summarize(VALUES, 2, (1,), error_fix=False)
-    assert without_fix["acc"] == without_fix["acc_turn_1"] and "acc_turn_2" not in without_fix
 
 
 def test_summary_table_heads_with_turn_1_acc():
@@ -303,7 +161,7 @@ def test_validate_gives_verls_names_and_counts_fixes(taught):
     params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_tokens=MAX_TOKENS, seed=3)
     metrics, samples = validate(
         JaxSampler(model, tokenizer=renderer.tokenizer), Rewarder(StandinVerifier()), prompts, params, renderer,
-        error_fix=True, data_source="minif2f_test",
+        error_fix=ErrorFixConfig(), data_source="minif2f_test",
     )
     turn_1 = [s for s in samples if s.prompt.turn == 1]
     fixes = [s for s in samples if s.prompt.turn == 2]
@@ -406,6 +264,25 @@ def test_cli_end_to_end_with_error_fix_and_resume(taught, taught_folder, lean_se
     # Other sampling settings in the same folder: refused.
     assert main(cli(taught_folder, out, "--temperature", "0.5")) == 2
     assert "other settings (temperature: 1.0 there, 0.5 now)" in capsys.readouterr().err
+
+
+@pytest.mark.lean_server
+def test_cli_runs_on_a_training_recipe(taught_folder, lean_server, tmp_path, monkeypatch):
+    """`--config <training recipe>`: its validation sampling (top-p 0.95), verifier and vLLM settings, with the short
+    flags and `key=value` overrides on top (the tiny model's lengths; fp32, as it was taught)."""
+    monkeypatch.setenv("LEAN_SERVER_API_URL", lean_server.url)
+    out = tmp_path / "results"
+    recipe = Path(__file__).parents[1] / "configs/kimina_prover_1.7B.yaml"
+    argv = ["--config", str(recipe), "--model", str(taught_folder), "--dataset", str(MINIF2F_8), "--n", "2", "--k",
+            "1,2", "--engine", "jax", "--dtype", "float32", "--out", str(out), f"data.max_prompt_length={MAX_PROMPT}",
+            f"data.max_response_length={MAX_TOKENS}", "eval.dataset.name=minif2f_test", "eval.error_fix=true"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampling"] == {"temperature": 1.0, "top_p": 0.95, "top_k": -1, "max_tokens": MAX_TOKENS, "seed": 0}
+    assert summary["data_source"] == "minif2f_test" and summary["verifier"] == "lean"
+    assert summary["metrics"]["acc"]["mean@2"] == 0.125 and summary["metrics"]["acc_turn_2"]["mean@2"] == 0.25
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["max_feedback_chars"] == 3000 and settings["max_prompt_length"] == MAX_PROMPT
 
 
 def test_cli_reads_a_training_checkpoint_with_its_saved_lengths(taught, tiny_tokenizer, tmp_path, capsys):

@@ -8,13 +8,15 @@ import pytest
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import (
-    batch_agg_metric,
     AGG_MODES,
     aggregate_loss,
+    batch_agg_metric,
     entropy_from_logits,
     grpo_advantages,
+    grpo_loss,
     kl_penalty,
     policy_loss,
+    sequence_token_weights,
 )
 
 CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.3, 3.0
@@ -134,6 +136,25 @@ def test_policy_loss_matches_reference(mode):
     np.testing.assert_allclose(float(metrics["ppo_kl"]), (np.clip(old - logp, -20, 20) * mask).sum() / n,
                                rtol=1e-5, atol=1e-6)
     assert (lower * mask).sum() > 0 and (clipped * mask).sum() > 0  # both clips were exercised
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_training_loss_is_the_reference_formula(mode):
+    """`grpo_loss`, what the update trains on, given each sequence's token weights: the same policy loss as the
+    reference formula, plus the entropy and KL terms aggregated alike."""
+    logp, old, adv, mask = random_rollout(1)
+    rng = np.random.default_rng(5)
+    ref, entropy = logp + rng.normal(0, 0.3, logp.shape), rng.random(logp.shape) * 3
+    weights = np.asarray(sequence_token_weights(mask.sum(-1), mode, MAX_LEN))[:, None]
+    loss, sums = grpo_loss(logp, old, adv, mask, weights, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C,
+                           entropy=entropy, entropy_coeff=0.01, ref_logp=ref, kl_coef=0.1, kl_kind="k3")
+    pg = ref_aggregate(ref_token_loss(logp, old, adv), mask, mode)
+    kl = ref_aggregate(ref_kl(logp, ref, "k3"), mask, mode)
+    np.testing.assert_allclose(float(sums["pg_loss"]), pg, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(sums["kl_loss"]), kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss), pg - 0.01 * ref_aggregate(entropy, mask, mode) + 0.1 * kl,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(sums["loss_tokens"]), mask.sum())
 
 
 def test_policy_loss_clamps_extreme_ratios_and_stays_finite():

@@ -13,7 +13,9 @@ import transformers
 from flax import nnx
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.models import KVCache, Qwen3Config, load_hf_checkpoint, save_hf_checkpoint
+from kimina_jax.models import (
+    KVCache, Qwen3Config, abstract_model, load_hf_checkpoint, param_names, save_hf_checkpoint,
+)
 from kimina_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
 RNG = np.random.default_rng(0)
@@ -113,6 +115,27 @@ def test_remat_policies_give_the_same_gradients_and_keep_what_they_say(tiny_hf_f
     per_token = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     per_token += 2 * config.intermediate_size
     assert kept["save_dots"] - kept["full"] >= ids.size * per_token * config.num_hidden_layers
+
+
+def test_parameter_table_is_the_model_and_transformers_names(hf_folder):
+    """The one table lists every parameter of our model once (with a logical axis per dimension) and every tensor
+    of transformers' Qwen3 under its name, Linear weights transposed."""
+    folder, hf_model = hf_folder
+    config = Qwen3Config.from_pretrained(folder)
+    ours = dict(nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)))
+    table = param_names(config)
+    assert sorted(map(str, (spec.path for spec in table))) == sorted(map(str, ours))
+    torch_shapes = {name: tuple(param.shape) for name, param in hf_model.named_parameters()}
+    assert sorted(spec.hf_name for spec in table) == sorted(torch_shapes)
+    for spec in table:
+        shape = ours[spec.path].get_value().shape
+        assert len(spec.axes) == len(shape), spec
+        assert torch_shapes[spec.hf_name] == (shape[::-1] if spec.transpose else shape), spec
+    with_head = param_names(config, tied_lm_head=True)
+    if config.tie_word_embeddings:  # vLLM's reload is also handed the head: the embedding again
+        assert (with_head[-1].hf_name, with_head[-1].path, with_head[-1].transpose) == (
+            "lm_head.weight", table[0].path, False)
+    assert with_head[: len(table)] == table
 
 
 def test_export_round_trip_loads_in_transformers(hf_folder, tmp_path):

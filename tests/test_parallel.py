@@ -1,4 +1,5 @@
-"""Mesh construction, Qwen3 sharding rules and multi-process start, on 8 CPU devices (see conftest.py)."""
+"""Mesh construction, logical-axis rules (Qwen3 parameters via its table, batches, activations) and multi-process
+start, on 8 CPU devices (see conftest.py)."""
 from __future__ import annotations
 
 import os
@@ -18,13 +19,18 @@ from jax.sharding import PartitionSpec as P
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, abstract_model
+from kimina_jax.models.mesh_hints import constrain
 from kimina_jax.parallel import (
+    SAMPLING_RULES,
     batch_sharding,
     environment_process_count,
     logical_sharding,
     make_mesh,
     maybe_initialize_distributed,
+    mesh_axes,
+    num_shards,
     param_partition_specs,
+    path_to_str,
     shard_params,
 )
 
@@ -138,6 +144,92 @@ def test_undividable_dimensions_fall_back_to_replication():
     # 2 KV heads x 16 = 32 columns would divide by 4, but not into whole heads.
     kv = param_partition_specs(qwen3_params(), make_mesh(1, 2, 4))["model"]["layers"][0]["self_attn"]
     assert kv["k_proj"]["kernel"] == P("fsdp", None) and kv["q_proj"]["kernel"] == P("fsdp", "tensor")
+
+
+# The shardings the regex rules gave before the parameter table existed, where every dimension divides: ZeRO-3
+# over fsdp, Megatron over tensor (layer parameters by their path inside a layer).
+SPECS_WHEN_ALL_DIVIDE = {
+    "model.embed_tokens.embedding": P("tensor", "fsdp"), "model.norm.weight": P(None),
+    "lm_head.kernel": P("fsdp", "tensor"),
+    "input_layernorm.weight": P(None), "post_attention_layernorm.weight": P(None),
+    "self_attn.q_proj.kernel": P("fsdp", "tensor"), "self_attn.k_proj.kernel": P("fsdp", "tensor"),
+    "self_attn.v_proj.kernel": P("fsdp", "tensor"), "self_attn.o_proj.kernel": P("tensor", "fsdp"),
+    "self_attn.q_norm.weight": P(None), "self_attn.k_norm.weight": P(None),
+    "mlp.gate_proj.kernel": P("fsdp", "tensor"), "mlp.up_proj.kernel": P("fsdp", "tensor"),
+    "mlp.down_proj.kernel": P("tensor", "fsdp"),
+}
+TINY_SIZES = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_attention_heads=NQ, num_key_value_heads=NKV,
+                  head_dim=D)
+QWEN3_1P7B_SIZES = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=128)
+# Tiny on tensor=8: vocab 100 and 4 query / 2 KV heads do not split 8 ways. On tensor=4: 2 KV heads do not.
+TINY_ON_TENSOR_8 = {"model.embed_tokens.embedding": P(None, "fsdp"), "lm_head.kernel": P("fsdp", None),
+                    "self_attn.q_proj.kernel": P("fsdp", None), "self_attn.k_proj.kernel": P("fsdp", None),
+                    "self_attn.v_proj.kernel": P("fsdp", None), "self_attn.o_proj.kernel": P(None, "fsdp")}
+TINY_ON_TENSOR_4 = {"self_attn.k_proj.kernel": P("fsdp", None), "self_attn.v_proj.kernel": P("fsdp", None)}
+
+
+@pytest.mark.parametrize("sizes, mesh_shape, differences", [
+    *((TINY_SIZES, shape, {}) for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]),
+    (TINY_SIZES, (1, 1, 8), TINY_ON_TENSOR_8),
+    (TINY_SIZES, (1, 2, 4), TINY_ON_TENSOR_4),
+    *((QWEN3_1P7B_SIZES, shape, {}) for shape in [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4), (1, 4, 2)]),
+], ids=lambda value: str(value) if isinstance(value, tuple) else None)
+def test_table_and_rules_give_the_shardings_of_the_regex_rules(sizes, mesh_shape, differences):
+    config = Qwen3Config(**sizes, num_hidden_layers=2, tie_word_embeddings=False)
+    state = nnx.state(abstract_model(config), nnx.Param)
+    specs = param_partition_specs(state, make_mesh(*mesh_shape))
+    got = {path_to_str(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]}
+    expected = {**SPECS_WHEN_ALL_DIVIDE, **differences}
+    assert len(got) == 3 + 11 * 2
+    for name, spec in got.items():
+        key = name.split(".", 3)[3] if name.startswith("model.layers.") else name
+        assert spec == expected[key], name
+
+
+def test_logical_axes_resolve_on_the_mesh_at_hand():
+    mesh = make_mesh(2, 2, 2)
+    assert mesh_axes("batch", mesh) == ("data", "fsdp") and num_shards(mesh, "batch") == 4
+    assert mesh_axes("batch", mesh, size=6) is None and num_shards(mesh, "batch", 6) == 1
+    assert mesh_axes("kv_heads", mesh, size=2) == "tensor" and num_shards(mesh, "kv_heads", 3) == 1
+    assert mesh_axes("act_embed", mesh) is None and num_shards(mesh, "length") == 1
+    data_only = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))  # axes a mesh lacks are left out
+    assert mesh_axes("batch", data_only) == ("data",) and mesh_axes("vocab", data_only, size=128) is None
+    with pytest.raises(KiminaError, match="unknown logical axis 'rows'"):
+        num_shards(mesh, "rows")
+
+
+def test_sampling_rules_keep_only_the_model_parallel_split():
+    specs = param_partition_specs(qwen3_params(), make_mesh(2, 2, 2), SAMPLING_RULES)
+    layer = specs["model"]["layers"][0]
+    assert specs["model"]["embed_tokens"]["embedding"] == P("tensor", None)
+    assert layer["self_attn"]["o_proj"]["kernel"] == P("tensor", None)
+    assert layer["mlp"]["up_proj"]["kernel"] == P(None, "tensor")
+    assert set(jax.tree_util.tree_leaves([tuple(spec) for spec in jax.tree_util.tree_leaves(specs)])) <= {"tensor"}
+
+
+def test_heads_split_in_whole_heads_needs_the_head_size():
+    """The head size comes from the parameters that carry `head_dim` alone (q_norm, k_norm): a tree without them
+    cannot split projections by heads."""
+    attn = qwen3_params()["model"]["layers"][0]["self_attn"]
+    in_layer = lambda **params: {"model": {"layers": {0: {"self_attn": params}}}}  # noqa: E731
+    with pytest.raises(KiminaError, match="the size of 'head_dim' must be known"):
+        param_partition_specs(in_layer(q_proj=attn["q_proj"]), make_mesh(1, 2, 4))
+    specs = param_partition_specs(in_layer(q_proj=attn["q_proj"], q_norm=attn["q_norm"]), make_mesh(1, 2, 4))
+    assert specs["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"] == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("logical_axes, shape, mesh_shape, expected", [
+    (("batch", "length", "act_embed"), (8, 4, H), (2, 2, 2), P(("data", "fsdp"), None, None)),
+    (("batch", "length", "act_embed"), (2, 4, H), (2, 2, 2), P(None, None, None)),  # 2 rows on 4 row shards
+    (("vocab", "act_embed"), (V, H), (1, 1, 8), P(None, None)),  # the embedding hint: vocab 100 on tensor=8
+    (("vocab", "act_embed"), (96, H), (1, 2, 4), P("tensor", None)),
+])
+def test_activation_hints_pin_what_the_rules_say(logical_axes, shape, mesh_shape, expected):
+    mesh = make_mesh(*mesh_shape)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda x: constrain(x * 2, logical_axes))(jnp.ones(shape))
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, expected), len(shape))
 
 
 @pytest.mark.parametrize("sizes", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)])

@@ -69,6 +69,7 @@ def test_identical_codes_are_checked_once(lean_server: LeanServer) -> None:
         again = lean.check_sync([b, a])
         assert (lean.cache_hits, lean.cache_misses, lean.requests) == (4, 2, 1)
         assert lean.cache_hit_rate == pytest.approx(4 / 6)
+        assert lean.stats() == {"reward/cache_hit_rate": pytest.approx(4 / 6)}
     assert [v.status for v in first] == ["valid", "valid", "sorry", "valid"]
     assert again == [first[2], first[0]]
 

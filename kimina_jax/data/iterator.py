@@ -24,6 +24,10 @@ class PromptIterator:
     An epoch is `len(dataset) // batch_size` batches (the remainder is left out, as verl's loader does); each
     epoch's order is a permutation seeded by (seed, epoch). As in the original recipe, a batch row drawn from the
     fix cache replaces the dataset row at that position (the dataset row is skipped for this epoch).
+
+    A batch drawn `ahead` (off-policy: for the step after the one training) is not yet part of the run's past:
+    until `use_ahead()`, `state_dict()` gives the position before it, so a run resumed from a checkpoint taken
+    meanwhile draws it again.
     """
 
     def __init__(
@@ -54,13 +58,16 @@ class PromptIterator:
         self.batch = 0  # index of the next batch within the epoch
         self._order_epoch = -1
         self._order = np.arange(0)
+        self._before_ahead: dict[str, Any] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.dataset) // self.batch_size
 
-    def next_batch(self) -> list[Prompt]:
+    def next_batch(self, ahead: bool = False) -> list[Prompt]:
         """This process's prompts of the next global batch (turn-2 prompts from the fix cache mixed in)."""
+        if ahead:
+            self._before_ahead = {"epoch": self.epoch, "batch": self.batch}
         start = self.batch * self.batch_size
         rows = self._epoch_order()[start : start + self.batch_size]
         cached = self.fix_cache.draw(self.batch_size) if self.fix_cache is not None else [None] * self.batch_size
@@ -80,9 +87,18 @@ class PromptIterator:
             self._order_epoch = self.epoch
         return self._order
 
+    def use_ahead(self) -> None:
+        """The batch drawn ahead now belongs to the step training on it."""
+        self._before_ahead = None
+
     def state_dict(self) -> dict[str, Any]:
-        sizes = {"dataset_size": len(self.dataset), "batch_size": self.batch_size}
-        return {"epoch": self.epoch, "batch": self.batch, **sizes}
+        """The position (before a batch drawn ahead) and the fix cache (with that batch's draw undone)."""
+        position = self._before_ahead or {"epoch": self.epoch, "batch": self.batch}
+        fix_cache = None
+        if self.fix_cache is not None:
+            fix_cache = self.fix_cache.state_dict()
+            fix_cache["draws"] -= self._before_ahead is not None  # drawing a batch draws once from the cache
+        return {**position, "dataset_size": len(self.dataset), "batch_size": self.batch_size, "fix_cache": fix_cache}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = (int(state["dataset_size"]), int(state["batch_size"]))
@@ -92,6 +108,9 @@ class PromptIterator:
                 f"{saved[1]}, this run has {len(self.dataset)} prompts in batches of {self.batch_size}"
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if self.fix_cache is not None and state.get("fix_cache") is not None:
+            self.fix_cache.load_state_dict(state["fix_cache"])
+        self._before_ahead = None
 
 
 def train_iterator(

@@ -7,12 +7,14 @@ from kimina_jax.grpo.math import (
     batch_agg_metric,
     entropy_from_logits,
     grpo_advantages,
+    grpo_loss,
     kl_penalty,
     masked_mean,
     policy_loss,
     ppo_token_loss,
     sequence_token_weights,
     truncated_is_weight,
+    weighted_token_sum,
 )
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch, PackItem, pack_samples, row_length_buckets
@@ -33,6 +35,7 @@ __all__ = [
     "chunked_logprobs",
     "entropy_from_logits",
     "grpo_advantages",
+    "grpo_loss",
     "kl_penalty",
     "learning_rate_schedule",
     "make_optimizer",
@@ -45,5 +48,6 @@ __all__ = [
     "sequence_token_weights",
     "token_logprobs",
     "truncated_is_weight",
+    "weighted_token_sum",
     "with_learning_rate",
 ]

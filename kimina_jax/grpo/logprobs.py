@@ -8,15 +8,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kimina_jax.grpo.math import entropy_from_logits
 from kimina_jax.models import Qwen3ForCausalLM
 
 
 def chunked_logprobs(
-    hidden: jax.Array,
-    lm_head: jax.Array,
-    targets: jax.Array,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
+    hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, temperature: float = 1.0, chunk_size: int = 1024,
     with_entropy: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """log p(target) and entropy of softmax(hidden @ lm_head / temperature), shapes [B, T].
@@ -45,22 +42,15 @@ def chunked_logprobs(
         logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
         if not with_entropy:
             return logp, jnp.zeros_like(logp)
-        probs = jnp.exp(logits - lse[..., None])
-        return logp, lse - jnp.sum(probs * logits, axis=-1)
+        return logp, entropy_from_logits(logits, lse)
 
     logp, entropy = jax.lax.map(one_chunk, (chunked(hidden), chunked(targets.astype(jnp.int32))))
     return unchunked(logp), unchunked(entropy) if with_entropy else None
 
 
 def token_logprobs(
-    model: Qwen3ForCausalLM,
-    tokens: jax.Array,
-    positions: jax.Array,
-    segment_ids: jax.Array,
-    targets: jax.Array,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    with_entropy: bool = True,
+    model: Qwen3ForCausalLM, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
+    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The policy's log-prob of `targets[b, t]` given tokens up to t (packed rows), and the entropy there."""
     hidden, _ = model.hidden_states(tokens, positions, segment_ids)

@@ -50,11 +50,7 @@ def grpo_advantages(scores: Any, group_ids: Any, norm_by_std: bool = False, eps:
 
 
 def sequence_token_weights(
-    token_counts: Any,
-    mode: str,
-    max_len: int | None = None,
-    num_tokens: Any = None,
-    num_seqs: Any = None,
+    token_counts: Any, mode: str, max_len: int | None = None, num_tokens: Any = None, num_seqs: Any = None
 ) -> jax.Array:
     """Weight of each masked token of each sequence, so that the aggregate loss is sum(weight * token loss).
 
@@ -84,12 +80,7 @@ def sequence_token_weights(
 
 
 def aggregate_loss(
-    loss: Any,
-    mask: Any,
-    mode: str,
-    max_len: int | None = None,
-    num_tokens: Any = None,
-    num_seqs: Any = None,
+    loss: Any, mask: Any, mode: str, max_len: int | None = None, num_tokens: Any = None, num_seqs: Any = None
 ) -> jax.Array:
     """Reduce a per-token loss [..., T] (each row one sequence) to a scalar with one of `AGG_MODES`.
 
@@ -97,7 +88,14 @@ def aggregate_loss(
     """
     mask = jnp.asarray(mask, jnp.float32)
     weights = sequence_token_weights(mask.sum(axis=-1), mode, max_len, num_tokens, num_seqs)
-    return jnp.sum(jnp.where(mask > 0, loss, 0.0) * mask * weights[..., None])
+    return weighted_token_sum(loss, mask, weights[..., None])
+
+
+def weighted_token_sum(values: Any, mask: Any, weights: Any) -> jax.Array:
+    """sum(weights * values) over the masked tokens: every aggregation mode is this with its token weights
+    (`sequence_token_weights`; packed rows carry them per token as `PackedBatch.loss_weights`)."""
+    mask = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(jnp.where(mask > 0, values, 0.0) * mask * weights)
 
 
 def batch_agg_metric(per_sequence: Sequence[Any], mode: str, max_len: int | None = None) -> float:
@@ -180,6 +178,52 @@ def policy_loss(
     return loss, {name: masked_mean(value, mask) for name, value in indicators.items()}
 
 
+def grpo_loss(
+    logp: Any,
+    old_logp: Any,
+    advantages: Any,
+    mask: Any,
+    weights: Any,
+    *,
+    clip_low: float,
+    clip_high: float,
+    clip_c: float,
+    entropy: Any = None,
+    entropy_coeff: float = 0.0,
+    ref_logp: Any = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "low_var_kl",
+    rollout_logp: Any = None,
+    tis_cap: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of SPEC 3 over tokens with aggregation `weights` (see `weighted_token_sum`), built from this
+    module's terms: pg_loss - entropy_coeff * entropy term + kl_coef * KL term, each aggregated alike (verl's
+    `agg_loss` with one mode). With `rollout_logp` (off-policy), each token's policy loss is first multiplied by
+    its truncated importance-sampling weight.
+
+    Returns (loss, sums): `pg_loss`, `loss_tokens`, the masked token sums of the `ppo_token_loss` indicators
+    (a mini-batch adds micro-batches' sums, then divides by its loss tokens), `kl_loss` with a reference and
+    `tis_weight` (a token sum) with rollout log-probs.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    token_sum = lambda values: jnp.sum(jnp.where(mask > 0, values, 0.0) * mask)  # noqa: E731
+    token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
+    sums = {"loss_tokens": jnp.sum(mask)}
+    if rollout_logp is not None:
+        weight = truncated_is_weight(old_logp, rollout_logp, tis_cap)
+        token_loss = token_loss * weight
+        sums["tis_weight"] = token_sum(weight)
+    sums["pg_loss"] = weighted_token_sum(token_loss, mask, weights)
+    sums.update({name: token_sum(value) for name, value in indicators.items()})
+    loss = sums["pg_loss"]
+    if entropy_coeff:
+        loss = loss - entropy_coeff * weighted_token_sum(entropy, mask, weights)
+    if ref_logp is not None:
+        sums["kl_loss"] = weighted_token_sum(kl_penalty(logp, ref_logp, kl_kind), mask, weights)
+        loss = loss + kl_coef * sums["kl_loss"]
+    return loss, sums
+
+
 def truncated_is_weight(old_logp: Any, rollout_logp: Any, cap: float) -> jax.Array:
     """Truncated importance-sampling weight of each token, min(exp(old_logp - rollout_logp), cap): corrects a
     policy loss whose samples came from the rollout engine's weights rather than the old policy's (verl's TIS,
@@ -202,9 +246,10 @@ def kl_penalty(logp: Any, ref_logp: Any, kind: str) -> jax.Array:
     raise KiminaError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
-def entropy_from_logits(logits: Any) -> jax.Array:
-    """Entropy of the full next-token distribution, [..., V] -> [...], computed in float32."""
+def entropy_from_logits(logits: Any, log_z: Any = None) -> jax.Array:
+    """Entropy of the full next-token distribution, [..., V] -> [...], computed in float32; `log_z` (the
+    logsumexp of the logits) when the caller has it already."""
     logits = jnp.asarray(logits, jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_z = jax.nn.logsumexp(logits, axis=-1) if log_z is None else log_z
     probs = jnp.exp(logits - log_z[..., None])
     return log_z - jnp.sum(probs * logits, axis=-1)

@@ -25,11 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kimina_jax.config import AlgorithmConfig, OptimConfig
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.logprobs import token_logprobs
-from kimina_jax.grpo.math import kl_penalty, ppo_token_loss, truncated_is_weight
+from kimina_jax.grpo.math import grpo_loss
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch
 from kimina_jax.models import Qwen3ForCausalLM
-from kimina_jax.parallel import logical_sharding, make_mesh, param_shardings
+from kimina_jax.parallel import logical_sharding, make_mesh, num_shards, param_shardings
 
 LOGPROB_INPUTS = ("tokens", "targets", "positions", "segment_ids")
 UPDATE_INPUTS = (*LOGPROB_INPUTS, "loss_mask", "advantages", "loss_weights", "old_logp")
@@ -52,41 +52,20 @@ class TrainState:
 def micro_batch_loss(
     model: Qwen3ForCausalLM, micro: dict[str, jax.Array], algorithm: AlgorithmConfig, temperature: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted loss of one micro-batch ([rows, length] arrays of a `PackedBatch`) and the sums behind
-    the metrics: `pg_loss`, `loss_tokens` and the masked sums of `TOKEN_MEAN_METRICS` (and `kl_loss`).
-
-    loss = pg_loss - entropy_coeff * sum(w * entropy) + kl.coef * sum(w * kl), w = `loss_weights`:
-    the entropy and KL terms aggregate like the policy loss (verl's `agg_loss` with the same mode); the entropy
-    is computed only when its coefficient is not 0. With
-    `rollout_logp` in the micro-batch (off-policy), each token's policy loss is first multiplied by its truncated
-    importance-sampling weight (`math.truncated_is_weight`), whose masked sum is returned as `tis_weight`.
-    """
+    """`math.grpo_loss` of one micro-batch ([rows, length] arrays of a `PackedBatch`, aggregated with its
+    `loss_weights`): the policy's log-probs (and entropies, only when `entropy_coeff` is not 0) from the chunked
+    pass, the reference's and the engine's log-probs when the batch carries them (KL on; off-policy correction)."""
     logp, entropy = token_logprobs(
         model, micro["tokens"], micro["positions"], micro["segment_ids"], micro["targets"],
         temperature, algorithm.logits_chunk_tokens, with_entropy=bool(algorithm.entropy_coeff),
     )
-    mask = micro["loss_mask"] > 0
-    # `where` keeps whatever sits outside the loss tokens (padding, prompts) out of sums and gradients.
-    masked = lambda values: jnp.where(mask, values, 0.0)  # noqa: E731
-    weighted_sum = lambda values: jnp.sum(masked(values) * micro["loss_weights"])  # noqa: E731
-    token_loss, indicators = ppo_token_loss(
-        logp, micro["old_logp"], micro["advantages"], algorithm.clip_low, algorithm.clip_high, algorithm.clip_c
+    return grpo_loss(
+        logp, micro["old_logp"], micro["advantages"], micro["loss_mask"], micro["loss_weights"],
+        clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, clip_c=algorithm.clip_c,
+        entropy=entropy, entropy_coeff=algorithm.entropy_coeff,
+        ref_logp=micro.get("ref_logp"), kl_coef=algorithm.kl.coef, kl_kind=algorithm.kl.kind,
+        rollout_logp=micro.get("rollout_logp"), tis_cap=algorithm.tis_cap,
     )
-    sums = {"loss_tokens": jnp.sum(mask.astype(jnp.float32))}
-    if "rollout_logp" in micro:
-        weight = truncated_is_weight(micro["old_logp"], micro["rollout_logp"], algorithm.tis_cap)
-        token_loss = token_loss * weight
-        sums["tis_weight"] = jnp.sum(masked(weight))
-    pg_loss = weighted_sum(token_loss)
-    sums["pg_loss"] = pg_loss
-    sums.update({name: jnp.sum(masked(value)) for name, value in indicators.items()})
-    loss = pg_loss
-    if algorithm.entropy_coeff:
-        loss = loss - algorithm.entropy_coeff * weighted_sum(entropy)
-    if algorithm.kl.enabled:
-        sums["kl_loss"] = weighted_sum(kl_penalty(logp, micro["ref_logp"], algorithm.kl.kind))
-        loss = loss + algorithm.kl.coef * sums["kl_loss"]
-    return loss, sums
 
 
 def accumulate_gradients(
@@ -143,7 +122,7 @@ class TrainStep:
         self.algorithm = algorithm
         self.temperature = temperature
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.rows_multiple = algorithm.micro_batch_rows * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.rows_multiple = algorithm.micro_batch_rows * num_shards(self.mesh, "batch")
         self.optimizer = make_optimizer(optim)
         self.learning_rate = learning_rate_schedule(optim, total_steps)
         self.graphdef, params = nnx.split(model)

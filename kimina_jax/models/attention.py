@@ -12,8 +12,8 @@ rows (training and log-prob passes), where materialising [heads, T, T] scores is
   elsewhere.
 Flash kernels need rows whose length is a multiple of `FLASH_BLOCK`; shorter or odd rows, cheap anyway, use
 `xla`. Off their platform the Pallas kernels run in Pallas interpret mode (slow; that is how CPU tests check
-them against `xla`). Under a mesh set with `jax.set_mesh` the kernels run per shard (`jax.shard_map`): rows
-split over `data` x `fsdp`, heads over `tensor`, as the sharding rules split activations.
+them against `xla`). Under a mesh set with `jax.set_mesh` the kernels run per shard (`jax.shard_map`): rows and
+heads split as the logical-axis rules split a batch's rows and the KV heads.
 """
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import PartitionSpec
-
-from kimina_jax.models.mesh_hints import active_mesh, row_mesh_axes, tensor_axis
+from kimina_jax.models.mesh_hints import active_mesh
+from kimina_jax.parallel.rules import logical_to_mesh
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "triton", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "triton", "splash")
@@ -153,10 +152,10 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids):
     mesh = active_mesh()
     if mesh is None:
         return kernel(q, k, v, segment_ids)
-    rows = row_mesh_axes(mesh, q.shape[0])
-    heads = tensor_axis(mesh, k.shape[2])  # query heads are a multiple of the KV heads
-    spec = PartitionSpec(rows, None, heads, None)
-    return jax.shard_map(
-        kernel, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec, check_vma=False
-    )(q, k, v, segment_ids)
+    # q, k, v [rows, length, heads, head_dim]: split as KV heads, since query heads are a multiple of them.
+    spec = logical_to_mesh(("batch", "length", "kv_heads", "head_dim"), mesh, k.shape)
+    segments = logical_to_mesh(("batch", "length"), mesh, segment_ids.shape)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, segments), out_specs=spec, check_vma=False)(
+        q, k, v, segment_ids
+    )
 

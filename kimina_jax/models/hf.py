@@ -1,7 +1,6 @@
-"""Hugging Face folders <-> the Flax Qwen3: one name/layout table read by load, save and the vLLM weight push."""
+"""Hugging Face folders <-> the Flax Qwen3: load, save and the vLLM weight stream, all by its parameter table."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -14,8 +13,9 @@ import numpy as np
 from flax import nnx
 
 from kimina_jax.errors import KiminaError
+from kimina_jax.models.attention import AttentionImpl
 from kimina_jax.models.config import Qwen3Config
-from kimina_jax.models.qwen3 import AttentionImpl, Qwen3ForCausalLM, RematPolicy
+from kimina_jax.models.qwen3 import Qwen3ForCausalLM, RematPolicy, param_names
 from kimina_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -31,42 +31,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamName:
-    """One HF tensor and where it lives in our model; `transpose` for torch Linear ([out, in]) weights."""
-
-    hf_name: str
-    path: tuple[str | int, ...]
-    transpose: bool
-
-
-def param_names(config: Qwen3Config, *, tied_lm_head: bool = False) -> list[ParamName]:
-    """Every HF tensor of the architecture, in HF's usual order.
-
-    `tied_lm_head`: a tied model lists `lm_head.weight` too (the embedding again), for vLLM's in-place reload,
-    which refreshes only the layers it is given a tensor for (see rollout/weights.py).
-    """
-    names = [ParamName("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), False)]
-    for i in range(config.num_hidden_layers):
-        prefix, path = f"model.layers.{i}", ("model", "layers", i)
-        names.append(ParamName(f"{prefix}.input_layernorm.weight", (*path, "input_layernorm", "weight"), False))
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names.append(ParamName(f"{prefix}.self_attn.{proj}.weight", (*path, "self_attn", proj, "kernel"), True))
-        for norm in ("q_norm", "k_norm"):
-            names.append(ParamName(f"{prefix}.self_attn.{norm}.weight", (*path, "self_attn", norm, "weight"), False))
-        names.append(
-            ParamName(f"{prefix}.post_attention_layernorm.weight", (*path, "post_attention_layernorm", "weight"), False)
-        )
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names.append(ParamName(f"{prefix}.mlp.{proj}.weight", (*path, "mlp", proj, "kernel"), True))
-    names.append(ParamName("model.norm.weight", ("model", "norm", "weight"), False))
-    if not config.tie_word_embeddings:
-        names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), True))
-    elif tied_lm_head:
-        names.append(ParamName("lm_head.weight", ("model", "embed_tokens", "embedding"), False))
-    return names
 
 
 def to_jax_dtype(dtype) -> jnp.dtype:
@@ -163,7 +127,7 @@ def load_hf_checkpoint(
         # One host copy at a time: cast this tensor, place it, let it go before reading the next.
         host = np.asarray(array, dtype=param_dtype)
         target.set_value(jax.device_put(host, shardings[spec.path]) if shardings else jnp.asarray(host))
-    unused = set(files) - {s.hf_name for s in expected} - {"lm_head.weight"}
+    unused = set(files) - {s.hf_name for s in param_names(config, tied_lm_head=True)}  # a tied folder may hold the head
     if unused:
         log.warning("%s: ignoring %d tensor(s) this architecture does not use, e.g. %s", folder, len(unused),
                     sorted(unused)[:3])

@@ -1,14 +1,16 @@
 """Sharding hints for the model's activations under the mesh of the enclosing computation (`jax.set_mesh`).
 
 The model never sees a `Mesh` object; the train step sets one while it traces, and these helpers read it
-(no mesh, or one device: they do nothing). Axis names are the mesh's (`kimina_jax.parallel.MESH_AXES`).
+(no mesh, or one device: they do nothing). Activations name logical axes; the rules of `kimina_jax.parallel`
+map them to mesh axes.
 """
 from __future__ import annotations
 
-import math
+from typing import Sequence
 
 import jax
-from jax.sharding import PartitionSpec
+
+from kimina_jax.parallel.rules import LogicalDim, logical_to_mesh
 
 
 def active_mesh():
@@ -17,35 +19,10 @@ def active_mesh():
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def row_mesh_axes(mesh, rows: int) -> tuple[str, ...] | None:
-    """The mesh axes that split the rows of a batch (`data` x `fsdp`), or None where they do not divide them."""
-    axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.shape)
-    return axes if rows % row_shards(mesh) == 0 else None
-
-
-def row_shards(mesh) -> int:
-    """How many ways the mesh's `data` x `fsdp` axes split a batch's rows."""
-    return math.prod(mesh.shape[axis] for axis in ("data", "fsdp") if axis in mesh.shape)
-
-
-def tensor_axis(mesh, size: int) -> str | None:
-    """`tensor` where the mesh has that axis and it divides `size` (heads, vocabulary rows), else None."""
-    return "tensor" if "tensor" in mesh.shape and size % mesh.shape["tensor"] == 0 else None
-
-
-def constrain_rows(x: jax.Array) -> jax.Array:
-    """Pin an activation [rows, ...] to rows split over `data` x `fsdp` and the rest whole. Without it XLA may
-    split activations' hidden dimension like the weights' (FSDP) and later cannot undo that without
-    replicating them ("involuntary full rematerialization"); with it, weights are gathered instead."""
+def constrain(x: jax.Array, logical_axes: Sequence[LogicalDim]) -> jax.Array:
+    """Pin `x` to the sharding its dimensions' logical axes give under the current mesh (a dimension its mesh
+    axes do not divide stays whole)."""
     mesh = active_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(row_mesh_axes(mesh, x.shape[0])))
-
-
-def constrain_columns_whole(table: jax.Array) -> jax.Array:
-    """Pin a [rows, columns] weight to rows split over `tensor` and columns whole, under the current mesh."""
-    mesh = active_mesh()
-    if mesh is None:
-        return table
-    return jax.lax.with_sharding_constraint(table, PartitionSpec(tensor_axis(mesh, table.shape[0]), None))
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, mesh, x.shape))

@@ -1,4 +1,4 @@
-"""Device mesh, sharding rules for the Qwen3 parameters and batches, multi-host start and exchange."""
+"""Device mesh, logical-axis rules (parameters via their model's table, batches, activations), multi-host start."""
 from kimina_jax.parallel.distributed import (
     allgather_objects,
     any_process,
@@ -10,12 +10,16 @@ from kimina_jax.parallel.distributed import (
     parse_distributed_flags,
 )
 from kimina_jax.parallel.mesh import MESH_AXES, make_mesh
-from kimina_jax.parallel.sharding import (
+from kimina_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
-    PARAM_RULES,
+    SAMPLING_RULES,
     batch_sharding,
     logical_sharding,
     logical_to_mesh,
+    mesh_axes,
+    num_shards,
+)
+from kimina_jax.parallel.sharding import (
     param_logical_axes,
     param_partition_specs,
     param_shardings,
@@ -26,7 +30,7 @@ from kimina_jax.parallel.sharding import (
 __all__ = [
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
-    "PARAM_RULES",
+    "SAMPLING_RULES",
     "allgather_objects",
     "any_process",
     "barrier",
@@ -38,6 +42,8 @@ __all__ = [
     "logical_to_mesh",
     "make_mesh",
     "maybe_initialize_distributed",
+    "mesh_axes",
+    "num_shards",
     "parse_distributed_flags",
     "param_logical_axes",
     "param_partition_specs",

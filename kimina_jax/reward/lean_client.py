@@ -23,7 +23,6 @@ The client runs its own event loop in a background thread with one pooled `httpx
 """
 from __future__ import annotations
 
-import abc
 import asyncio
 import collections
 import concurrent.futures
@@ -31,14 +30,16 @@ import dataclasses
 import logging
 import random
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Literal
 
 import httpx
 
 from kimina_jax.errors import KiminaError
+from kimina_jax.reward.base import Verifier
 from kimina_jax.reward.lean_text import split_header
 from kimina_jax.types import Verdict
+from kimina_jax.urls import server_url
 
 logger = logging.getLogger(__name__)
 
@@ -71,40 +72,6 @@ def verdict_from_result(result: dict, line_offset: int) -> Verdict | None:
     else:
         status = "valid"
     return Verdict(status, messages=messages, time_s=time_s, line_offset=line_offset)
-
-
-class Verifier(abc.ABC):
-    """What the trainer needs from a verifier: verdicts for Lean snippets, in input order."""
-
-    @abc.abstractmethod
-    def submit(self, snippets: Iterable[str]) -> list[concurrent.futures.Future[Verdict]]:
-        """Start checking `snippets` now; one future per snippet, in order."""
-
-    @abc.abstractmethod
-    def health(self) -> bool:
-        """Whether the verifier can answer now."""
-
-    def close(self) -> None:
-        """Release what the verifier holds."""
-
-    @staticmethod
-    def collect(futures: Sequence[concurrent.futures.Future[Verdict]]) -> list[Verdict]:
-        """Wait for the verdicts of earlier `submit` calls."""
-        return [future.result() for future in futures]
-
-    def check_sync(self, snippets: Iterable[str]) -> list[Verdict]:
-        """Verdicts for `snippets`, in order (blocking)."""
-        return self.collect(self.submit(snippets))
-
-    async def check(self, snippets: Iterable[str]) -> list[Verdict]:
-        """Verdicts for `snippets`, in order (from any event loop)."""
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit(snippets))))
-
-    def __enter__(self) -> Verifier:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,8 +121,6 @@ class LeanClient(Verifier):
         message_lines: Literal["auto", "body", "code"] = "auto",
         batch_linger_s: float = 0.02,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise KiminaError(f"LeanClient url: expected http(s)://host[:port], got {url!r}")
         for name, value in (("timeout_s", timeout_s), ("batch_size", batch_size), ("max_in_flight", max_in_flight)):
             if value < 1:
                 raise KiminaError(f"LeanClient {name}: must be >= 1, got {value}")
@@ -163,7 +128,7 @@ class LeanClient(Verifier):
             raise KiminaError(f"LeanClient retries / cache_size: must be >= 0, got {retries} / {cache_size}")
         if message_lines not in ("auto", "body", "code"):
             raise KiminaError(f"LeanClient message_lines: expected 'auto', 'body' or 'code', got {message_lines!r}")
-        self.url = url.rstrip("/")
+        self.url = server_url(url, "LeanClient url")
         self.timeout_s = int(timeout_s)
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
@@ -198,6 +163,9 @@ class LeanClient(Verifier):
     def cache_hit_rate(self) -> float:
         total = self.cache_hits + self.cache_misses
         return self.cache_hits / total if total else 0.0
+
+    def stats(self) -> dict[str, float]:
+        return {"reward/cache_hit_rate": self.cache_hit_rate}
 
     async def _start(self) -> None:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()

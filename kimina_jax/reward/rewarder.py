@@ -15,7 +15,8 @@ from kimina_jax.reward.extract import extract_proof
 from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.format import DEFAULT_THRESHOLDS, FormatThresholds
 from kimina_jax.errors import KiminaError
-from kimina_jax.reward.lean_client import LeanClient, Verifier
+from kimina_jax.reward.base import Verifier
+from kimina_jax.reward.lean_client import LeanClient
 from kimina_jax.reward.standin_verifier import StandinVerifier
 from kimina_jax.reward.scoring import score
 from kimina_jax.types import Completion, Prompt, Sample, Verdict

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.reward.lean_client import Verifier, verdict_from_result
+from kimina_jax.reward.base import Verifier
+from kimina_jax.reward.lean_client import verdict_from_result
 from kimina_jax.reward.lean_text import comment_spans, remove_comments, split_header
 from kimina_jax.types import Verdict
 

@@ -21,11 +21,6 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.types import Completion
 
-# `update_config` overrides that switch a vLLM worker started with dummy weights (whose loader cannot reload) to
-# reading safetensors, before the first reload from an HF folder.
-SAFETENSORS_LOADER = {"load_config": {"load_format": "safetensors"}}
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample. `top_k` <= 0 and `top_p` == 1 switch those filters off; temperature 0 is greedy.
@@ -62,6 +57,10 @@ class SamplingParams:
     def filters(self) -> bool:
         """Whether top-k or top-p removes any token."""
         return self.top_k > 0 or self.top_p < 1
+
+    def stop_ids(self, eos_token_ids: Sequence[int]) -> list[int]:
+        """The ids that end a sample: `stop_token_ids` and the engine's `eos_token_ids`, sorted."""
+        return sorted(set(self.stop_token_ids) | set(eos_token_ids))
 
 
 class RolloutEngine(abc.ABC):
@@ -160,6 +159,15 @@ def find_eos_token_ids(config: Qwen3Config, tokenizer=None, folder: str | Path |
             if token not in found:
                 found.append(int(token))
     return tuple(found)
+
+
+def resolve_eos_token_ids(
+    eos_token_ids: Sequence[int] | None, config: Qwen3Config, tokenizer=None, folder: str | Path | None = None
+) -> tuple[int, ...]:
+    """An engine's EOS ids: those it was given, else `find_eos_token_ids`."""
+    if eos_token_ids is not None:
+        return tuple(int(t) for t in eos_token_ids)
+    return find_eos_token_ids(config, tokenizer, folder)
 
 
 def make_completion(

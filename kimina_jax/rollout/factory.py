@@ -1,12 +1,25 @@
 """The rollout engine a recipe's `rollout` section asks for, fed the trainer's model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.rollout.base import RolloutEngine, find_eos_token_ids
 from kimina_jax.rollout.jax_sampler import JaxSampler
+
+
+def share_accelerator_with_vllm(rollout_cfg) -> None:
+    """With vLLM in this process, JAX must leave it GPU memory: `rollout.vllm.jax_memory_fraction`, or allocate on
+    demand. Training and evaluation call it before JAX initialises its backends (XLA reads these variables once)."""
+    if rollout_cfg.engine != "vllm":
+        return
+    fraction = rollout_cfg.vllm.jax_memory_fraction
+    if fraction is not None:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def make_engine(

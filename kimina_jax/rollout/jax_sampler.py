@@ -23,9 +23,9 @@ Every row draws from its own key, fold_in(call key, prompt index, sample index, 
 gives the same samples however the rows are batched.
 
 On a mesh (the trainer's parameters split over several devices) sampling is data-parallel: the sampler keeps a
-copy of the weights split over `tensor` only (weight matrices in the compute dtype, which is what the model casts
-them to), so a decode step gathers no weights; the model's sharding hints split the batch rows (and so the KV
-cache) over `data` x `fsdp`.
+copy of the weights split over the model-parallel axes only (`parallel.SAMPLING_RULES`; weight matrices in the
+compute dtype, which is what the model casts them to), so a decode step gathers no weights; the model's sharding
+hints split the batch rows (and so the KV cache) like a batch's.
 """
 from __future__ import annotations
 
@@ -39,18 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import KVCache, Qwen3ForCausalLM
-from kimina_jax.models.mesh_hints import row_shards, tensor_axis
+from kimina_jax.parallel import SAMPLING_RULES, num_shards, param_shardings
 from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
     as_model,
     check_prompts,
-    find_eos_token_ids,
     make_completion,
+    resolve_eos_token_ids,
 )
 from kimina_jax.types import Completion
 
@@ -91,10 +91,7 @@ class JaxSampler(RolloutEngine):
         self.first_decode_window = first_decode_window
         self._jitted = _Jitted(self._graphdef)
         self.tokenizer = tokenizer
-        self.eos_token_ids = (
-            tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None
-            else find_eos_token_ids(model.config, tokenizer)
-        )
+        self.eos_token_ids = resolve_eos_token_ids(eos_token_ids, model.config, tokenizer)
         self.max_len = max_len or model.config.max_position_embeddings
         self.max_batch_rows = max_batch_rows
         self.kv_cache_bytes = kv_cache_bytes
@@ -123,7 +120,7 @@ class JaxSampler(RolloutEngine):
             self._calls += 1
         else:
             call_key = jax.random.key(params.seed)
-        stop_ids = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
+        stop_ids = params.stop_ids(self.eos_token_ids)
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
             outputs = _Batch(self, prompts, rows, call_key, stop_ids, params).run()
@@ -247,32 +244,26 @@ class _Decode(NamedTuple):
 
 
 def _sampling_weights(state, dtype) -> tuple[Any, Any]:
-    """(the weights to sample with, their mesh or None): on a mesh of several devices a copy split over `tensor`
-    alone, weight matrices cast to the compute `dtype`; elsewhere `state` itself."""
+    """(the weights to sample with, their mesh or None): on a mesh of several devices a copy placed by
+    `SAMPLING_RULES` (split over the model-parallel axes alone), weight matrices cast to the compute `dtype`;
+    elsewhere `state` itself."""
     shardings = [leaf.sharding for leaf in jax.tree.leaves(state)]
     mesh = getattr(shardings[0], "mesh", None)
     if mesh is None or mesh.size == 1 or not all(isinstance(s, NamedSharding) for s in shardings):
         return state, None
 
-    def tensor_only(leaf):
-        spec = PartitionSpec(*(_keep_tensor(axes) for axes in leaf.sharding.spec))
+    def copy(leaf, sharding):  # leaf by leaf: one cast copy alive at a time
         matrix = leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
-        return jax.device_put(leaf.astype(dtype) if matrix else leaf, NamedSharding(mesh, spec))
+        return jax.device_put(leaf.astype(dtype) if matrix else leaf, sharding)
 
-    return jax.tree.map(tensor_only, state), mesh
-
-
-def _keep_tensor(axes):
-    """A PartitionSpec entry with every mesh axis but `tensor` dropped."""
-    names = axes if isinstance(axes, tuple) else (axes,)
-    return "tensor" if "tensor" in names else None
+    return jax.tree.map(copy, state, param_shardings(state, mesh, SAMPLING_RULES)), mesh
 
 
 def _cache_split(mesh, kv_heads: int) -> tuple[int, int]:
-    """How many ways the mesh splits the KV cache's rows (`data` x `fsdp`) and heads (`tensor`, where it divides)."""
+    """How many ways the mesh splits the KV cache's rows (as a batch's) and heads (as KV heads, where it divides)."""
     if mesh is None:
         return 1, 1
-    return row_shards(mesh), mesh.shape["tensor"] if tensor_axis(mesh, kv_heads) else 1
+    return num_shards(mesh, "batch"), num_shards(mesh, "kv_heads", kv_heads)
 
 
 def _floor_pow2(size: int) -> int:

@@ -32,25 +32,14 @@ import inspect
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from kimina_jax.errors import KiminaError
-from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
-from kimina_jax.rollout.base import (
-    SAFETENSORS_LOADER,
-    RolloutEngine,
-    SamplingParams,
-    as_model,
-    check_architecture,
-    check_prompts,
-    find_eos_token_ids,
-    make_completion,
-)
+from kimina_jax.models import Qwen3Config, save_hf_checkpoint
+from kimina_jax.rollout.base import SamplingParams
+from kimina_jax.rollout.vllm_adapter import SAFETENSORS_LOADER, VllmAdapter, dtype_name
 from kimina_jax.types import Completion
 
 log = logging.getLogger(__name__)
@@ -58,7 +47,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'kimina-jax[gpu]' on a GPU host, or 'kimina-jax[cpu-vllm]' on CPU"
 
 
-class VllmEngine(RolloutEngine):
+class VllmEngine(VllmAdapter):
     """`vllm.LLM` started from an HF folder (`load_format="dummy"`: config.json only, random weights).
 
     `engine_kwargs` go to `vllm.LLM` as they are (and win over the arguments above). `last_sync_s` is the
@@ -83,7 +72,8 @@ class VllmEngine(RolloutEngine):
         seed: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
     ):
-        self.config = Qwen3Config.from_pretrained(model_path)
+        super().__init__(Qwen3Config.from_pretrained(model_path), tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                         folder=model_path)
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -108,17 +98,8 @@ class VllmEngine(RolloutEngine):
         args = {k: v for k, v in args.items() if v is not None}
         self.llm = vllm.LLM(**{**args, **(engine_kwargs or {})})
         self._vllm = vllm
-        self.tokenizer = tokenizer
-        self.eos_token_ids = (
-            tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None
-            else find_eos_token_ids(self.config, tokenizer, model_path)
-        )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sleep_mode = enable_sleep_mode
-        self.last_sync_s = 0.0
-        self._asleep = False
-        self._closed = False
-        self._graphdef = nnx.split(abstract_model(self.config))[0]
         self._push = _choose_weight_push(self.llm)
 
     @classmethod
@@ -137,52 +118,18 @@ class VllmEngine(RolloutEngine):
             **kwargs,
         )
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        self._check_usable()
-        prompts = check_prompts(prompt_token_ids, params, self.max_model_len, self.config.vocab_size)
-        stop = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
-        requests = [
-            self._vllm.SamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=max(params.top_k, 0),
-                max_tokens=params.max_tokens,
-                stop_token_ids=stop,
-                seed=None if params.seed is None else params.seed + i,
-                logprobs=0,
-                detokenize=False,
-            )
-            for i in range(len(prompts))
-        ]
+    def _sample(self, prompts: list[tuple[int, ...]], params: SamplingParams) -> list[list[Completion]]:
+        sampling = self._vllm.SamplingParams
+        requests = [sampling(**self._request(params, i), detokenize=False) for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], requests, use_tqdm=False)
-        return [self._completions(i, output, params.n) for i, output in enumerate(outputs)]
+        return [
+            self._completions(i, [_sample_of(c) for c in output.outputs], params.n, f"vLLM (prompt {i})")
+            for i, output in enumerate(outputs)
+        ]
 
-    def _completions(self, prompt_index: int, output, n: int) -> list[Completion]:
-        samples = sorted(output.outputs, key=lambda c: c.index)
-        indices = [c.index for c in samples]
-        if indices != list(range(n)):
-            raise KiminaError(f"vLLM returned samples {indices} for prompt {prompt_index}, expected {n}")
-        completions = []
-        for sample in samples:
-            if sample.finish_reason not in ("stop", "length"):
-                raise KiminaError(
-                    f"vLLM: prompt {prompt_index} sample {sample.index} ended with {sample.finish_reason!r}"
-                )
-            ids = list(sample.token_ids)
-            logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
-            completions.append(make_completion(prompt_index, sample.index, ids, logprobs, sample.finish_reason,
-                                               self.tokenizer))
-        return completions
-
-    def update_weights(self, model_or_params: Any) -> None:
-        self._check_usable()
-        model = as_model(model_or_params, self._graphdef)
-        check_architecture(self.config, model.config)
-        start = time.perf_counter()
+    def _push_weights(self, model) -> None:
         self._push(self.llm, model)
         self.llm.reset_prefix_cache()
-        self.last_sync_s = time.perf_counter() - start
 
     def sleep(self) -> None:
         if self.sleep_mode and not self._asleep:
@@ -200,11 +147,11 @@ class VllmEngine(RolloutEngine):
             self.llm.llm_engine.engine_core.shutdown()
             del self.llm
 
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise KiminaError("VllmEngine: used after close()")
-        if self._asleep:
-            raise KiminaError("VllmEngine: asleep; call wake() before generating or pushing weights")
+
+def _sample_of(output):
+    """A `vllm.CompletionOutput` as the adapter's (index, token ids, log-probs, finish reason)."""
+    logprobs = [step[token].logprob for step, token in zip(output.logprobs, output.token_ids)]
+    return output.index, list(output.token_ids), logprobs, output.finish_reason
 
 
 def _import_vllm():
@@ -256,9 +203,7 @@ def _reload_weights(llm, model) -> None:
 
 
 def _reload_from_folder(llm, model) -> None:
-    from kimina_jax.rollout.weights import jax_dtype_name
-
-    dtype = jax_dtype_name(llm.llm_engine.model_config.dtype)
+    dtype = dtype_name(llm.llm_engine.model_config.dtype, "weight push")
     with tempfile.TemporaryDirectory(prefix="kimina-jax-weights-") as folder:
         save_hf_checkpoint(model, folder, dtype=dtype, tied_lm_head=True)
         llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})

@@ -6,9 +6,9 @@ storage that the trainer and every server can read at the same path.
   each server's batch size bounds its load, and a server that does not report `processed_logprobs` (the
   trainer's definition, see vllm_engine.py) is refused. A server started with random weights (`--load-format
   dummy`) is switched to reading safetensors (the worker's `update_config`): the dummy loader cannot reload.
-- `generate`: one `POST /v1/completions` per prompt: the prompt as token ids, its n samples, `return_token_ids`,
-  `logprobs=0` with `return_tokens_as_token_ids` (the servers need no tokenizer; text is decoded here), the call's
-  seed plus the prompt index (as the in-process engine does). A prompt goes to the live server with the fewest
+- `generate`: one `POST /v1/completions` per prompt: the prompt as token ids, the sampling fields and seed of
+  `vllm_adapter.py` (as the in-process engine), `return_token_ids`, and `return_tokens_as_token_ids` for the
+  log-probs (the servers need no tokenizer; text is decoded here). A prompt goes to the live server with the fewest
   sequences in flight, and a server takes at most one batch at once (its `max_num_seqs`, or `max_seqs_in_flight`),
   so the rest wait here and go to whichever server frees room first: faster servers take more.
 - Failures: a request that fails in transport (refused, reset, timed out), gets a 5xx / 408 / 429, or comes back
@@ -30,34 +30,24 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jax
-from flax import nnx
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.models import Qwen3Config, abstract_model, save_hf_checkpoint
+from kimina_jax.models import Qwen3Config, save_hf_checkpoint
 from kimina_jax.parallel import broadcast_object
-from kimina_jax.rollout.base import (
-    SAFETENSORS_LOADER,
-    RolloutEngine,
-    SamplingParams,
-    as_model,
-    check_architecture,
-    check_prompts,
-    find_eos_token_ids,
-    make_completion,
-)
+from kimina_jax.rollout.base import SamplingParams
+from kimina_jax.rollout.vllm_adapter import SAFETENSORS_LOADER, VllmAdapter, dtype_name
 from kimina_jax.types import Completion
+from kimina_jax.urls import server_url
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_HTTP_STATUSES = frozenset({408, 429})
-_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 LAUNCH_HINT = "start it with launch/vllm_server.sh (VLLM_SERVER_DEV_MODE=1, --logprobs-mode processed_logprobs)"
 
 
@@ -73,7 +63,7 @@ class ServerState:
     trouble: str = ""  # the failure it was dropped for
 
 
-class VllmServerEngine(RolloutEngine):
+class VllmServerEngine(VllmAdapter):
     """Rollouts on remote vLLM servers. `config` is the served model's (vocabulary, EOS ids, weight checks).
 
     `servers` holds each server's state (alive, load, prompts answered); `max_model_len` and `dtype` are the
@@ -102,21 +92,13 @@ class VllmServerEngine(RolloutEngine):
                 f"vllm-server: need retries >= 0, timeout_s > 0, max_seqs_in_flight >= 1 "
                 f"(got {retries}, {timeout_s}, {max_seqs_in_flight})"
             )
-        self.servers = [ServerState(url.rstrip("/")) for url in urls]
+        super().__init__(config, tokenizer=tokenizer, eos_token_ids=eos_token_ids)
+        self.servers = [ServerState(server_url(url, "rollout.servers.urls")) for url in urls]
         self.weights_dir = Path(os.path.abspath(weights_dir))
-        self.config = config
-        self.tokenizer = tokenizer
-        self.eos_token_ids = (
-            tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None
-            else find_eos_token_ids(config, tokenizer)
-        )
         self.timeout_s = timeout_s
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.max_seqs_in_flight = max_seqs_in_flight
-        self.last_sync_s = 0.0
-        self._closed = False
-        self._graphdef = nnx.split(abstract_model(config))[0]
         self.max_model_len, self.dtype = asyncio.run(self._read_settings())
 
     @classmethod
@@ -158,8 +140,7 @@ class VllmServerEngine(RolloutEngine):
             raise KiminaError(f"{server.url}/server_info: no vllm_config field {err} in the reply") from err
         if mode != "processed_logprobs":
             raise KiminaError(f"{server.url}: reports {mode!r} log-probs, not 'processed_logprobs': {LAUNCH_HINT}")
-        if dtype not in _DTYPES:
-            raise KiminaError(f"{server.url}: serves dtype {dtype}; supported: {sorted(_DTYPES)}")
+        dtype = dtype_name(dtype, server.url)
         if load_format == "dummy":
             switch = {"method": "update_config", "kwargs": {"overrides": SAFETENSORS_LOADER}}
             try:
@@ -167,27 +148,13 @@ class VllmServerEngine(RolloutEngine):
             except _ServerGone:
                 return None
         server.max_seqs = self.max_seqs_in_flight or batch
-        return length, _DTYPES[dtype]
+        return length, dtype
 
     # ------------------------------------------------------------------------------------------------ generate
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        self._check_usable()
-        prompts = check_prompts(prompt_token_ids, params, self.max_model_len, self.config.vocab_size)
-        stop = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
+    def _sample(self, prompts: list[tuple[int, ...]], params: SamplingParams) -> list[list[Completion]]:
         requests = [
-            {
-                "prompt": list(prompt),
-                "n": params.n,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": max(params.top_k, 0),
-                "max_tokens": params.max_tokens,
-                "stop_token_ids": stop,
-                "seed": None if params.seed is None else params.seed + i,
-                "logprobs": 0,
-                "return_token_ids": True,
-                "return_tokens_as_token_ids": True,
-            }
+            {"prompt": list(prompt), **self._request(params, i), "return_token_ids": True,
+             "return_tokens_as_token_ids": True}
             for i, prompt in enumerate(prompts)
         ]
         return asyncio.run(self._generate(requests))
@@ -214,38 +181,21 @@ class VllmServerEngine(RolloutEngine):
             finally:
                 await session.release(server, n)
             server.prompts_done += 1
-            return self._completions(server, reply, prompt_index, n)
-
-    def _completions(self, server: ServerState, reply: dict, prompt_index: int, n: int) -> list[Completion]:
-        where = f"{server.url}/v1/completions (prompt {prompt_index})"
-        try:
-            choices = sorted(reply["choices"], key=lambda c: c["index"])
-            samples = [(c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
-        except (KeyError, TypeError) as err:
-            raise KiminaError(f"{where}: malformed reply, no {err} ({str(reply)[:300]})") from err
-        if len(samples) != n:
-            raise KiminaError(f"{where}: {len(samples)} samples in the reply, expected {n}")
-        completions = []
-        for j, (ids, logprobs, reason) in enumerate(samples):
-            if reason not in ("stop", "length"):
-                raise KiminaError(f"{where}: sample {j} ended with {reason!r}")
-            if len(logprobs) != len(ids):
-                raise KiminaError(f"{where}: sample {j} has {len(ids)} tokens but {len(logprobs)} log-probs")
-            completions.append(make_completion(prompt_index, j, ids, logprobs, reason, self.tokenizer))
-        return completions
+            where = f"{server.url}/v1/completions (prompt {prompt_index})"
+            try:
+                samples = [(c["index"], c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"])
+                           for c in reply["choices"]]
+            except (KeyError, TypeError) as err:
+                raise KiminaError(f"{where}: malformed reply, no {err} ({str(reply)[:300]})") from err
+            return self._completions(prompt_index, samples, n, where)
 
     # ------------------------------------------------------------------------------------------------ weights
-    def update_weights(self, model_or_params: Any) -> None:
-        """Push the weights (every process passes the whole model; process 0 alone writes and reloads)."""
-        self._check_usable()
-        model = as_model(model_or_params, self._graphdef)
-        check_architecture(self.config, model.config)
-        start = time.perf_counter()
+    def _push_weights(self, model) -> None:
+        """Every process passes the whole model; process 0 alone writes and reloads."""
         if jax.process_count() == 1:
             self._push(model)
         else:
             self._push_from_process_zero(model)
-        self.last_sync_s = time.perf_counter() - start
 
     def _push(self, model) -> None:
         save_hf_checkpoint(model, self.weights_dir, dtype=self.dtype, tied_lm_head=True)
@@ -283,10 +233,6 @@ class VllmServerEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------------------ the rest
     def close(self) -> None:
         self._closed = True  # the servers belong to whoever started them
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise KiminaError("VllmServerEngine: used after close()")
 
     def _all_gone(self) -> KiminaError:
         why = "; ".join(f"{s.url}: {s.trouble}" for s in self.servers)

@@ -1,10 +1,11 @@
 """Trainer parameters -> a stream of (HF name, torch.Tensor), the input of every vLLM weight push.
 
-Names and layouts come from the one table in `models/hf.py` (`iter_hf_tensors`): each tensor is transposed
-and cast on the devices that hold it, then handed over alone, so the extra memory at any moment is one tensor
-(plus what the consumer keeps; vLLM's layerwise reload keeps one decoder layer). A tensor that lies whole on
-one device of the consumer's kind becomes a torch tensor without a copy (DLPack); a sharded one is first
-gathered onto that device (device to device on a GPU), and across hosts through host memory.
+Names and layouts come from the model's parameter table (`models/qwen3/params.py`, read by
+`models.iter_hf_tensors`): each tensor is transposed and cast on the devices that hold it, then handed over alone,
+so the extra memory at any moment is one tensor (plus what the consumer keeps; vLLM's layerwise reload keeps one
+decoder layer). A tensor that lies whole on one device of the consumer's kind becomes a torch tensor without a
+copy (DLPack); a sharded one is first gathered onto that device (device to device on a GPU), and across hosts
+through host memory.
 
 A tied model's stream also carries `lm_head.weight` (the embedding again). vLLM's layerwise reload re-runs the
 weight processing only of layers that receive a tensor, and the lm_head that shares the embedding's parameter
@@ -22,18 +23,8 @@ import numpy as np
 import torch
 from jax.experimental import multihost_utils
 
-from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3ForCausalLM, iter_hf_tensors
-
-_JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def jax_dtype_name(dtype: torch.dtype) -> str:
-    """The name of a torch dtype that a weight push supports (float32, bfloat16, float16), else KiminaError."""
-    if dtype not in _JAX_DTYPES:
-        raise KiminaError(f"weight push: unsupported engine dtype {dtype}")
-    return _JAX_DTYPES[dtype]
-
+from kimina_jax.rollout.vllm_adapter import dtype_name
 
 def hf_torch_tensors(
     model: Qwen3ForCausalLM, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
@@ -41,7 +32,7 @@ def hf_torch_tensors(
     """(HF name, tensor in HF layout on `device`), one at a time, cast to `dtype` before leaving the JAX devices;
     `lm_head.weight` included for tied models (see above)."""
     device = torch.device(device)
-    jax_dtype = None if dtype is None else jax_dtype_name(dtype)
+    jax_dtype = None if dtype is None else dtype_name(dtype, "weight push")
     for name, array in iter_hf_tensors(model, jax_dtype, tied_lm_head=True):
         yield name, to_torch(array, device)
 

@@ -16,7 +16,7 @@ from kimina_jax.models.attention import (
     ATTENTION_IMPLS, AttentionImpl, attention_mask, segment_attention, xla_attention,
 )
 from kimina_jax.models.config import Qwen3Config
-from kimina_jax.models.mesh_hints import constrain_columns_whole, constrain_rows
+from kimina_jax.models.mesh_hints import constrain
 
 # Activation recomputation in the backward pass, per decoder layer: none; everything (only each layer's input is
 # kept); or all but the outputs of the weight matmuls (q/k/v/o and MLP projections: more memory, less compute).
@@ -180,13 +180,14 @@ class Qwen3Model(nnx.Module):
         self.remat = remat
 
     def _embed(self, input_ids):
-        # The table's hidden dimension is split over `fsdp`; gathered first, the lookup yields whole hidden
-        # vectors for the rows each device holds (else XLA splits activations by hidden, then must undo it).
-        table = constrain_columns_whole(self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype))
+        # The table's hidden dimension is split like a parameter's (`embed`); gathered first (`act_embed`), the
+        # lookup yields whole hidden vectors for the rows each device holds (else XLA splits activations by
+        # hidden, then must undo it).
+        table = constrain(self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype), ("vocab", "act_embed"))
         return jnp.take(table, input_ids, axis=0)
 
     def __call__(self, input_ids, positions, segment_ids, cache: KVCache | None = None):
-        x = constrain_rows(self._embed(input_ids))
+        x = _constrain_hidden(self._embed(input_ids))
         new_keys, new_values = [], []
         cache_segments = None
         if cache is not None:
@@ -197,7 +198,7 @@ class Qwen3Model(nnx.Module):
                     x = layer(x, positions, segment_ids)[0]
                 else:
                     x = _rematted(layer, x, positions, segment_ids, self.remat)
-                x = constrain_rows(x)
+                x = _constrain_hidden(x)
                 continue
             x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
                                       cache_segments, cache.window)
@@ -213,6 +214,13 @@ class Qwen3Model(nnx.Module):
                 window=cache.window,
             )
         return self.norm(x), new_cache
+
+
+def _constrain_hidden(x: jax.Array) -> jax.Array:
+    """Pin hidden states [rows, length, hidden] to rows split like a batch and the rest whole. Without it XLA may
+    split activations' hidden dimension like the weights' (FSDP) and later cannot undo that without replicating
+    them ("involuntary full rematerialization"); with it, weights are gathered instead."""
+    return constrain(x, ("batch", "length", "act_embed"))
 
 
 def _rematted(layer: DecoderLayer, x, positions, segment_ids, policy: RematPolicy):
