@@ -105,7 +105,7 @@ def test_typo_in_key_names_key_and_allowed_keys(tmp_path):
     assert "'rollout.temprature'" in message and "did you mean 'temperature'" in message
     assert "engine, n, temperature, top_p" in message
 
-    with pytest.raises(KiminaError, match=r"unknown key 'trainr'.*allowed keys here: experiment, model, data"):
+    with pytest.raises(KiminaError, match=r"unknown key 'trainr'.*allowed keys here: model, data, rollout, verifier, reward, experiment"):
         load_config(write(tmp_path, "trainr: {save_freq: 1}\n"), env=LEAN_ENV)
 
 
