@@ -97,6 +97,15 @@ class ErrorFixConfig:
 
 
 @dataclasses.dataclass
+class SkipSolvedConfig:
+    """Leave out of each epoch the statements solved in every sample of each of their last `visits` training visits
+    (turn-1 groups; their advantages would be 0). Off in the recipe; the pass rates are kept and saved either way."""
+
+    enabled: bool = False
+    visits: int = 2  # k: the visits kept per statement, all of which must be solved in all n samples
+
+
+@dataclasses.dataclass
 class DataConfig:
     train: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     val: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
@@ -108,6 +117,7 @@ class DataConfig:
     seed: int = 1
     train_batch_size: int = 256  # prompts per step
     error_fix: ErrorFixConfig = dataclasses.field(default_factory=ErrorFixConfig)
+    skip_solved: SkipSolvedConfig = dataclasses.field(default_factory=SkipSolvedConfig)
 
 
 @dataclasses.dataclass
@@ -202,6 +212,11 @@ class FormatConfig:
 @dataclasses.dataclass
 class RewardConfig:
     format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+    # The reward: a registered name (`lean`: the format x Lean reward; null: `lean`), or a user's function as
+    # "package.module:name" or "path/to/file.py:name" (verl's custom_reward_function path + name).
+    function: str | None = None
+    # A user's function takes one RewardInput (false) or the list of one prompt's group (true); either may be async.
+    batch: bool = False
 
 
 @dataclasses.dataclass
@@ -216,9 +231,25 @@ class KlConfig:
 
 
 @dataclasses.dataclass
+class FilterGroupsConfig:
+    """DAPO's dynamic sampling (verl's `algorithm.filter_groups`; off in the recipe). Groups whose `metric` is equal
+    over all their verified samples (all solved or all failed: every advantage 0; fewer than 2 verified samples
+    count as equal) are dropped, and more batches of prompts are drawn, generated and verified until the step has
+    `data.train_batch_size` groups (the first ones kept; the surplus dropped) or `max_gen_batches` batches were
+    generated (then the step trains on the groups it has)."""
+
+    enabled: bool = False
+    metric: Literal["score", "acc"] = "score"
+    max_gen_batches: int = 0  # verl's max_num_gen_batches: generation batches per step at most; 0: no limit
+
+
+@dataclasses.dataclass
 class AlgorithmConfig:
     """GRPO (SPEC 3)."""
 
+    # grpo: r - group mean; rloo: r - mean of the others; grpo_passk: only a group's best response, r_max - r_second
+    # (grpo/math.py). Dr. GRPO is grpo with norm_adv_by_std false and loss_agg_mode seq-mean-token-sum-norm.
+    adv_estimator: Literal["grpo", "rloo", "grpo_passk"] = "grpo"
     norm_adv_by_std: bool = False
     clip_low: float = 0.2
     clip_high: float = 0.3
@@ -239,6 +270,7 @@ class AlgorithmConfig:
     # Off-policy only: the policy loss of each token is multiplied by min(exp(old_logp - engine_logp), tis_cap)
     # (truncated importance sampling, as verl's `tis_imp_ratio_cap`); 0 switches the correction off.
     tis_cap: float = 2.0
+    filter_groups: FilterGroupsConfig = dataclasses.field(default_factory=FilterGroupsConfig)
 
 
 @dataclasses.dataclass
@@ -481,7 +513,7 @@ def load_config(
         data.setdefault("trainer", {})["run_dir"] = str(run_dir)
     env = os.environ if env is None else env
     cfg = config_from_dict(data, env=env, source=str(recipe))
-    if cfg.verifier.kind == "lean" and not cfg.verifier.url:
+    if uses_lean(cfg) and not cfg.verifier.url:
         raise KiminaError(
             f"{recipe}: verifier.kind is 'lean' but no server is configured: set ${ENV_URL} "
             "(e.g. http://localhost after launch/lean_server.sh)"
@@ -543,6 +575,7 @@ def _check(cfg: TrainConfig, source: str) -> None:
         "data.train_batch_size": cfg.data.train_batch_size,
         "data.error_fix.cache_size": cfg.data.error_fix.cache_size,
         "data.error_fix.max_feedback_chars": cfg.data.error_fix.max_feedback_chars,
+        "data.skip_solved.visits": cfg.data.skip_solved.visits,
         "rollout.n": cfg.rollout.n,
         "rollout.val.n": cfg.rollout.val.n,
         "rollout.overlap_chunks": cfg.rollout.overlap_chunks,
@@ -572,6 +605,13 @@ def _check(cfg: TrainConfig, source: str) -> None:
             f"algorithm.ppo_mini_batch_size ({cfg.algorithm.ppo_mini_batch_size}) must divide "
             f"data.train_batch_size ({cfg.data.train_batch_size})"
         )
+    if cfg.algorithm.adv_estimator == "rloo" and cfg.algorithm.norm_adv_by_std:
+        fail("algorithm.adv_estimator 'rloo' has no std normalisation (as in verl); set algorithm.norm_adv_by_std false")
+    if cfg.algorithm.filter_groups.max_gen_batches < 0:
+        fail(f"'algorithm.filter_groups.max_gen_batches' must be >= 0 (0: no limit), got "
+             f"{cfg.algorithm.filter_groups.max_gen_batches}")
+    if cfg.algorithm.filter_groups.enabled and cfg.rollout.n < 2:
+        fail("algorithm.filter_groups.enabled needs rollout.n >= 2: a group of one response is never informative")
     if cfg.algorithm.tis_cap < 0:
         fail(f"'algorithm.tis_cap' must be >= 0 (0: no correction), got {cfg.algorithm.tis_cap}")
     if cfg.algorithm.kl.coef < 0:
@@ -607,6 +647,11 @@ def _check(cfg: TrainConfig, source: str) -> None:
     if cfg.rollout.engine == "vllm-server" and not cfg.rollout.servers.weights_dir:
         fail("rollout.engine is 'vllm-server' but rollout.servers.weights_dir (shared weight storage) is not set")
 
+    if cfg.reward.function is not None and not cfg.reward.function.strip():
+        fail("'reward.function' is empty: give a registered name such as 'lean', or 'package.module:name', or null")
+    if cfg.reward.batch and ":" not in (cfg.reward.function or ""):
+        fail("'reward.batch' is for a user's function ('package.module:name'); registered rewards have no batch form")
+
     tiny = cfg.model.path == TINY
     if cfg.verifier.kind == "standin" and not tiny:
         fail(
@@ -639,6 +684,11 @@ def validate_for_devices(cfg: TrainConfig, n_devices: int, process_count: int = 
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def uses_lean(cfg: SharedSections) -> bool:
+    """Whether the run's reward talks to the Lean server (the built-in reward with `verifier.kind` lean)."""
+    return cfg.reward.function in (None, "lean") and cfg.verifier.kind == "lean"
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain data, secrets left out."""
     out: dict[str, Any] = {}

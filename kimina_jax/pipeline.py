@@ -1,13 +1,13 @@
 """The rollout half of a training step: prompts -> completions -> scored samples, overlapped and across processes.
 
 - Overlap: a process generates its prompts of a step in `rollout.overlap_chunks` engine calls, and each group
-  of n completions goes to the verifier as soon as its call returns, so Lean checks one call's proofs while
-  the engine generates the next; when Lean keeps up, only the last call's proofs are waited for
-  (`timing_s/verify_wait`).
+  of n completions goes to the reward function as soon as its call returns, so Lean (or a user's reward) checks
+  one call's responses while the engine generates the next; when it keeps up, only the last call's are waited
+  for (`timing_s/verify_wait`).
 - Background generation (one-step off-policy): `StepRollouts.start_in_background` generates in a thread while
   the caller trains; `finish` picks the results up.
 - Processes: every process generates its own share of the global batch with its own engine; the completions
-  are gathered so that every process holds the whole batch; only process 0 verifies (`MainProcessRewarder`)
+  are gathered so that every process holds the whole batch; only process 0 scores them (`MainProcessRewarder`)
   and its results are broadcast, so every process goes on with the same samples, in global batch order.
 
 Seeds: the engine call for the prompts starting at global batch position g samples with `chunk_seed(seed, g)`,
@@ -26,7 +26,7 @@ import jax
 from tqdm import tqdm
 
 from kimina_jax.parallel import allgather_objects, broadcast_object
-from kimina_jax.reward import PendingSample, Rewarder
+from kimina_jax.reward import PendingSample, RewardFunction
 from kimina_jax.rollout import RolloutEngine, SamplingParams
 from kimina_jax.types import Completion, Prompt, Sample
 
@@ -41,28 +41,33 @@ def chunk_seed(seed: int | None, first_index: int) -> int | None:
 
 
 class MainProcessRewarder:
-    """Verification by process 0 alone, its results broadcast to every process.
+    """Scoring by process 0 alone, its results broadcast to every process.
 
-    Wraps the `Rewarder` on process 0 (`None` on the others, which never reach the verifier). Every process
-    calls `submit` for the same groups and `collect` at the same points; on the others `submit` only records
-    the completions. With one process it is the rewarder itself.
+    Wraps the `RewardFunction` on process 0 (`None` on the others, which never reach the verifier or the user's
+    function). Every process calls `submit` for the same groups and `collect` at the same points; on the others
+    `submit` only records the completions. With one process it is the reward function itself.
     """
 
-    def __init__(self, rewarder: Rewarder | None):
+    def __init__(self, rewarder: RewardFunction | None):
         self.rewarder = rewarder
 
     @property
     def verifier(self):
-        """Process 0's verifier; None elsewhere."""
+        """Process 0's verifier (None with a reward that uses none); None elsewhere."""
         return None if self.rewarder is None else self.rewarder.verifier
 
-    def verifier_stats(self) -> dict[str, float]:
-        """Process 0's `Verifier.stats()`; empty elsewhere."""
-        return {} if self.rewarder is None else self.rewarder.verifier.stats()
+    @property
+    def scores_here(self) -> bool:
+        """Whether this process scores (process 0)."""
+        return self.rewarder is not None
+
+    def stats(self) -> dict[str, float]:
+        """Process 0's `RewardFunction.stats()`; empty elsewhere."""
+        return {} if self.rewarder is None else self.rewarder.stats()
 
     def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
         if self.rewarder is None:
-            return [PendingSample(prompt, completion, None, None) for completion in completions]
+            return [PendingSample(prompt, completion) for completion in completions]
         return self.rewarder.submit(prompt, completions)
 
     def collect(self, pending: Sequence[PendingSample], progress: str | None = None) -> list[Sample]:
@@ -77,7 +82,7 @@ class MainProcessRewarder:
 
     def close(self) -> None:
         if self.rewarder is not None:
-            self.rewarder.verifier.close()
+            self.rewarder.close()
 
 
 class ProcessShardedEngine(RolloutEngine):
@@ -166,7 +171,7 @@ class StepRollouts:
             "timing_s/verify_wait": end - waiting,
             "timing_s/rollout": end - start,
         }
-        if self._first_submit is not None and self.rewarder.verifier is not None:  # process 0
+        if self._first_submit is not None and self.rewarder.scores_here:
             timings["timing_s/verify"] = end - self._first_submit
         return samples, timings
 

@@ -10,6 +10,9 @@ Open MPI, a Cloud TPU pod) or from --coordinator-address HOST:PORT --num-process
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each process generates its share of every
 batch with its own engine; process 0 alone verifies, writes TensorBoard, rollouts and the resolved config; the
 run folder must be storage every process sees (checkpoints are written by all of them together).
+
+Longer than the project's ~400-line habit on purpose: the loop and each stage of the step (DESIGN.md) are short
+methods kept in one place so that a step reads top to bottom; what each stage computes lives in its room.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from flax import nnx
 
 from kimina_jax import metrics as stats
 from kimina_jax.checkpoint import Checkpointer, write_model_files
-from kimina_jax.config import TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
+from kimina_jax.config import TINY, TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError
 from kimina_jax.eval import dump_samples, validate
@@ -38,10 +41,11 @@ from kimina_jax.grpo import (
     ReferencePolicy,
     TrainStep,
     batch_agg_metric,
-    grpo_advantages,
+    compute_advantages,
     pack_samples,
     row_length_buckets,
 )
+from kimina_jax.grpo.dynamic_sampling import GroupFilter
 from kimina_jax.models import load_hf_checkpoint
 from kimina_jax.models.attention import resolve_attention_impl
 from kimina_jax.models.hf import resolve_model_folder, to_jax_dtype
@@ -55,7 +59,7 @@ from kimina_jax.parallel import (
     parse_distributed_flags,
 )
 from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts
-from kimina_jax.reward import FormatError, Rewarder
+from kimina_jax.reward import FormatError, extra_means, reward_from_config
 from kimina_jax.rollout import SamplingParams, logprob_diff
 from kimina_jax.rollout.factory import make_engine, share_accelerator_with_vllm
 from kimina_jax.types import Sample
@@ -120,7 +124,7 @@ class Trainer:
         # Validation spreads its prompts over the processes; training rollouts do so through the data shares.
         self.val_engine = ProcessShardedEngine(self.engine) if multi else self.engine
         self.rewarder = MainProcessRewarder(
-            Rewarder.from_config(cfg.verifier, cfg.reward.format) if self.is_main else None
+            reward_from_config(cfg.reward, cfg.verifier) if self.is_main else None
         )
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.trainer.keep_checkpoints)
         self.writer = stats.MetricsWriter(
@@ -179,7 +183,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One GRPO step, stage by stage as in DESIGN.md: rollouts -> advantages and packing -> old (and reference)
         log-probs -> updates -> weight sync -> error-fix feedback -> metrics."""
-        samples, metrics = self._rollouts()
+        samples, generated, metrics = self._rollouts()
+        self._text_samples = samples
+        if not samples:  # dynamic sampling kept no group within its generation batches: nothing to train on
+            return {**metrics, **self._error_fix_feedback(generated), "perf/total_num_tokens": 0.0}
         verified, advantages = self._advantages(samples)
         batches = self._pack(samples, verified, advantages)
         if self._next_rollouts is None:
@@ -192,35 +199,70 @@ class Trainer:
         with timed(metrics, "update_actor"):
             self.state, actor = self.step_fn.update_epochs(self.state, [b for b, _ in batches], self.step - 1)
         self._sync_weights(metrics)
-        metrics.update(self._error_fix_feedback(samples))
+        metrics.update(self._error_fix_feedback(generated))
         metrics.update(actor)
         metrics.update(self._logprob_diff(samples, batches))
         metrics.update(self._step_metrics(samples, verified, advantages, entropies, metrics))
-        self._text_samples = samples
-        if self.is_main and self.cfg.logging.dump_rollouts:
-            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", samples)
         return metrics
 
-    def _rollouts(self) -> tuple[list[Sample], dict[str, float]]:
-        """This step's scored samples (generated ahead in off-policy mode) and their timings; off-policy, the next
-        step's rollouts start here, sampling with the weights this step starts from."""
+    def _rollouts(self) -> tuple[list[Sample], list[Sample], dict[str, float]]:
+        """This step's samples to train on, every sample generated for it (dumped, and remembered in the pass
+        rates), and their metrics. The first generation batch was generated ahead in off-policy mode; with dynamic
+        sampling, extra batches follow here with the current weights. Off-policy, the next step's rollouts start
+        here, sampling with the weights this step starts from."""
         rollouts = self._next_rollouts
         if rollouts is not None:
             self.data.use_ahead()
         else:
             rollouts = self._start_rollouts(self.step)
         self._next_rollouts = None
-        samples, timings = rollouts.finish()
+        generated, timings = rollouts.finish()
+        samples, metrics = generated, dict(timings)
+        if self.cfg.algorithm.filter_groups.enabled:
+            samples, generated, metrics = self._filter_groups(generated, metrics)
+        self.data.pass_rates.record_groups(generated, self.cfg.rollout.n)  # every process holds the global batch
+        metrics["training/epoch"] = self.data.drawn_epoch  # of the step's last batch (verl's epoch loop)
+        if self.data.skip_solved:
+            metrics["data/skipped_solved"] = self.data.skipped_solved
+        if self.is_main and self.cfg.logging.dump_rollouts:
+            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", generated)
         if self.cfg.algorithm.off_policy and self.step < self.steps_total:
             self._next_rollouts = self._start_rollouts(self.step + 1, ahead=True)
-        return samples, dict(timings)
+        return samples, generated, metrics
+
+    def _filter_groups(
+        self, generated: list[Sample], metrics: dict[str, float]
+    ) -> tuple[list[Sample], list[Sample], dict[str, float]]:
+        """DAPO's dynamic sampling (`algorithm.filter_groups`, see GroupFilter): more batches of prompts are drawn
+        and generated until the step has `data.train_batch_size` informative groups or `max_gen_batches` batches
+        were generated. Returns the samples to train on, every sample generated and the metrics with the extra
+        batches' timings added."""
+        cfg = self.cfg.algorithm.filter_groups
+        groups = GroupFilter(cfg.metric, self.cfg.rollout.n, self.cfg.data.train_batch_size)
+        groups.add(generated)
+        while not groups.full and (cfg.max_gen_batches == 0 or groups.gen_batches < cfg.max_gen_batches):
+            log.info("step %d: %d informative groups after %d generation batch(es); generating another",
+                     self.step, groups.kept, groups.gen_batches)
+            more, timings = self._start_rollouts(self.step, gen_batch=groups.gen_batches).finish()
+            groups.add(more)
+            generated = generated + more
+            for name, seconds in timings.items():
+                metrics[name] = metrics.get(name, 0.0) + seconds
+        if not groups.full:
+            log.warning("step %d: %d of %d groups were informative after max_gen_batches (%d) generation batches; "
+                        "training on those", self.step, groups.kept, groups.groups_wanted, groups.gen_batches)
+        return groups.samples(), generated, {**metrics, **groups.metrics()}
 
     def _advantages(self, samples: list[Sample]) -> tuple[list[int], np.ndarray]:
-        """The verified samples' indices and their group-relative advantages (unverified ones are left out)."""
+        """The verified samples' indices and their advantages by `algorithm.adv_estimator` (unverified ones are left
+        out)."""
         verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
         scores = np.array([samples[i].score for i in verified], np.float32)
         group_ids = np.array([i // self.cfg.rollout.n for i in verified], np.int32)
-        return verified, np.asarray(grpo_advantages(scores, group_ids, self.cfg.algorithm.norm_adv_by_std))
+        algorithm = self.cfg.algorithm
+        return verified, np.asarray(
+            compute_advantages(algorithm.adv_estimator, scores, group_ids, algorithm.norm_adv_by_std)
+        )
 
     def _sync_weights(self, metrics: dict[str, float]) -> None:
         if self._next_rollouts is not None:
@@ -238,14 +280,17 @@ class Trainer:
             self.data.fix_cache.add(prompts)
         return counts
 
-    def _start_rollouts(self, step: int, ahead: bool = False) -> StepRollouts:
+    def _start_rollouts(self, step: int, ahead: bool = False, gen_batch: int = 0) -> StepRollouts:
         """Draw training step `step`'s prompts (this process's share) and set up their rollouts; `ahead`: for the
-        next step, generating in the background while this one trains."""
+        next step, generating in the background while this one trains; `gen_batch`: the step's generation batch
+        (dynamic sampling), which places its prompts after the earlier batches' (their sampling seeds differ)."""
         prompts = self.data.next_batch(ahead=ahead)
+        first = gen_batch * self.cfg.data.train_batch_size + jax.process_index() * len(prompts)
+        label = f"step {step}" + (f" batch {gen_batch + 1}" if gen_batch else "")
         rollouts = StepRollouts(
-            self.engine, self.rewarder, prompts, jax.process_index() * len(prompts),
-            self._sampling(self.cfg.rollout.n, step=step), self.cfg.rollout.overlap_chunks,
-            progress=f"step {step}" if self.is_main and self.cfg.logging.progress_bars else None,
+            self.engine, self.rewarder, prompts, first, self._sampling(self.cfg.rollout.n, step=step),
+            self.cfg.rollout.overlap_chunks,
+            progress=label if self.is_main and self.cfg.logging.progress_bars else None,
         )
         if ahead:
             rollouts.start_in_background()
@@ -322,6 +367,7 @@ class Trainer:
         scores = [s.score for s in kept] or [0.0]
         advantages, lengths = (advantages, lengths) if kept else ([0.0], [1])
         prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
+        format_checked = [s for s in samples if s.format_error]  # a user's reward checks no format
         return {
             **stats.score_stats(scores),
             **stats.score_stats(scores, name="rewards"),
@@ -329,14 +375,13 @@ class Trainer:
             **stats.advantage_stats(advantages, lengths, name="returns"),
             **stats.length_stats("response_length", [len(s.completion.token_ids) for s in samples], cfg.rollout.max_tokens),
             **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
-            **stats.format_error_counts(samples, [str(e) for e in FormatError]),
+            **(stats.format_error_counts(format_checked, [str(e) for e in FormatError]) if format_checked else {}),
             "actor/entropy": batch_agg_metric(entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length),
             "reward/unverified": float(len(samples) - len(verified)),
             "reward/accuracy": float(np.mean([s.acc for s in kept])) if kept else 0.0,
-            **self.rewarder.verifier_stats(),
-            # Step t trains on the data's global batch t - 1 (resumed runs restore that position), as verl counts.
+            **extra_means(samples),
+            **self.rewarder.stats(),
             "training/global_step": self.step,
-            "training/epoch": (self.step - 1) // self.data.steps_per_epoch,
             **stats.perf_stats(
                 samples, verified, timings, self.model.config.training_flops, trainer.peak_tflops_per_device,
                 jax.device_count(), [d.memory_stats() for d in jax.local_devices()],
@@ -362,7 +407,8 @@ class Trainer:
     def _save(self) -> None:
         loop_state = {
             "step": self.step,
-            "data": self.data.state_dict(),  # before prompts drawn ahead: a resumed run draws them again
+            # The position before prompts drawn ahead (a resumed run draws them again), the fix cache, the pass rates.
+            "data": self.data.state_dict(),
             "optimizer_updates": int(self.state.step),
             "skipped_updates": int(self.state.skipped_updates),
         }
@@ -415,7 +461,21 @@ def main(argv=None) -> int:
     except KiminaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() == 0:
+        print(closing_line(cfg))
     return 0
+
+
+def closing_line(cfg: TrainConfig) -> str:
+    """What a run just did and where to go next (the tiny default says what it was for)."""
+    run = cfg.run_dir
+    steps = sorted(int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit())
+    checkpoint = run / "checkpoints" / str(steps[-1]) if steps else run / "checkpoints" / "<step>"
+    seen = (f"the {cfg.experiment.name} recipe ran every stage of GRPO on a tiny random model (its scores mean "
+            "nothing); to watch the loop learn: --config configs/learn_demo.yaml; a real run: "
+            "configs/kimina_prover_1.7B.yaml (README: A real run on a GPU host)") if cfg.model.path == TINY and cfg.reward.function in (None, "lean") else ""
+    return (f"done: {run}. Curves: tensorboard --logdir {run}; a Hugging Face folder: python -m kimina_jax.export "
+            f"--checkpoint {checkpoint} --out <dir>" + (f". Note: {seen}." if seen else "."))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -60,7 +61,11 @@ class Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """A scored response: prompt + completion + verdict + reward, and the error-fix feedback if any."""
+    """A scored response: prompt + completion + verdict + reward, and the error-fix feedback if any.
+
+    A user's reward function gives no verdict (None), format error ("") or feedback; a failed call gives an
+    `unverified` verdict with its error text.
+    """
 
     prompt: Prompt
     completion: Completion
@@ -70,3 +75,4 @@ class Sample:
     format_error: str
     proof_code: str | None = None
     feedback: str = ""
+    extras: Mapping[str, float] = dataclasses.field(default_factory=dict)  # a user reward's values besides score

@@ -73,7 +73,8 @@ def test_tiny_is_the_shipped_default_and_repo_configs_are_the_same_files():
     assert (cfg.model.path, cfg.data.tokenizer, cfg.rollout.engine) == ("tiny", "tiny", "jax")
     assert cfg.data.train.files == ["bundled:train.jsonl"]
     shipped = sorted(p.name for p in RECIPE_DIR.glob("*.yaml"))
-    assert shipped == ["dry_run.yaml", "kimina_prover_0.6B.yaml", "kimina_prover_1.7B.yaml", "tiny.yaml"]
+    assert shipped == ["dry_run.yaml", "kimina_prover_0.6B.yaml", "kimina_prover_1.7B.yaml",
+                       "kimina_prover_1.7B_dapo.yaml", "learn_demo.yaml", "tiny.yaml"]
     assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == shipped
     assert load_config(REPO / "configs" / "tiny.yaml", env={}) == cfg
 

@@ -26,6 +26,7 @@ from kimina_jax.data import (
     train_iterator,
 )
 from kimina_jax.data.fix_cache import FIX_COUNTERS
+from kimina_jax.data.pass_rates import PassRateMemory
 from kimina_jax.errors import KiminaError
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
 
@@ -372,6 +373,94 @@ def test_train_iterator_from_tiny_recipe(renderer):
     batch = it.next_batch()
     assert len(batch) == 4 and all(p.turn == 1 and p.token_ids for p in batch)
     assert it.steps_per_epoch == 16
+
+
+# ---------------------------------------------------------------------------------------------- pass rates
+def test_pass_rate_memory_keeps_the_last_visits_and_round_trips():
+    memory = PassRateMemory(visits=2)
+    memory.record("a", 4, 4, 4)
+    memory.record("a", 2, 4, 4)
+    memory.record("a", 3, 3, 4)  # one sample unverified: a pass rate of 1, yet not solved in all 4 samples
+    memory.record("b", 4, 4, 4)
+    assert not memory.solved("b")  # one visit of the 2 needed
+    memory.record("b", 4, 4, 4)
+    memory.record("c", 0, 0, 4)
+    assert memory.pass_rates("a") == [0.5, 1.0]  # the oldest visit is forgotten
+    assert (memory.solved("a"), memory.solved("b"), memory.solved("new")) == (False, True, False)
+    assert np.isnan(memory.pass_rates("c")).all() and memory.pass_rates("new") == []
+
+    restored = PassRateMemory(visits=2)
+    restored.load_state_dict(json.loads(json.dumps(memory.state_dict())))  # as in a checkpoint
+    assert restored.state_dict() == memory.state_dict() and len(restored) == 3
+    shorter = PassRateMemory(visits=1)  # a resumed run that looks at fewer visits keeps the latest
+    shorter.load_state_dict(memory.state_dict())
+    assert shorter.pass_rates("a") == [1.0] and shorter.solved("b") and not shorter.solved("a")
+
+
+def skipping(data, batch_size, visits=1, **kwargs) -> PromptIterator:
+    return PromptIterator(
+        data, batch_size, seed=1, shuffle=False, pass_rates=PassRateMemory(visits), skip_solved=True, **kwargs
+    )
+
+
+def test_solved_statements_are_left_out_of_later_epochs():
+    it = skipping(fake_prompts(10), batch_size=2)
+    assert [ids(it.next_batch()) for _ in range(5)] == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"], ["s6", "s7"],
+                                                      ["s8", "s9"]]
+    assert (it.drawn_epoch, it.skipped_solved, it.epoch) == (0, 0, 1)
+    for statement in ("s1", "s3", "s7"):
+        it.pass_rates.record(statement, 4, 4, 4)
+    it.pass_rates.record("s5", 3, 4, 4)  # one sample failed: not solved
+    # Epoch 1: 7 rows, 3 batches (the remainder left out, as in every epoch).
+    assert ids(it.next_batch()) == ["s0", "s2"]
+    assert (it.drawn_epoch, it.skipped_solved) == (1, 3)
+    it.pass_rates.record("s0", 4, 4, 4)  # solved mid-epoch: left out from the next epoch on, not this one
+    assert [ids(it.next_batch()) for _ in range(2)] == [["s4", "s5"], ["s6", "s8"]]
+    assert ids(it.next_batch()) == ["s2", "s4"] and (it.drawn_epoch, it.skipped_solved) == (2, 4)
+
+    same = PromptIterator(fake_prompts(10), 2, seed=1, shuffle=False)  # nothing solved: the order of no skipping
+    nothing_solved = skipping(fake_prompts(10), batch_size=2)
+    assert [ids(nothing_solved.next_batch()) for _ in range(7)] == [ids(same.next_batch()) for _ in range(7)]
+
+
+def test_when_less_than_a_batch_is_unsolved_nothing_is_left_out():
+    it = skipping(fake_prompts(4), batch_size=2)
+    it.next_batch(), it.next_batch()
+    for statement in ("s0", "s1", "s2"):
+        it.pass_rates.record(statement, 4, 4, 4)
+    assert [ids(it.next_batch()) for _ in range(2)] == [["s0", "s1"], ["s2", "s3"]]
+    assert it.skipped_solved == 0
+
+
+def test_a_resumed_epoch_leaves_out_what_it_left_out_before():
+    """The rows left out are decided when an epoch starts and saved with the position, also while a batch is
+    drawn ahead (off-policy); statements solved since then are left out from the next epoch."""
+    def make():
+        return skipping(fake_prompts(6), batch_size=2, fix_cache=FixCache(4, 0.5, 3))
+
+    running = make()
+    [running.next_batch() for _ in range(3)]
+    running.pass_rates.record("s0", 4, 4, 4)
+    assert ids(running.next_batch()) == ["s1", "s2"]  # epoch 1 leaves s0 out: 5 rows, 2 batches
+    running.pass_rates.record("s1", 4, 4, 4)
+    assert ids(running.next_batch(ahead=True)) == ["s3", "s4"]
+    saved = json.loads(json.dumps(running.state_dict()))  # a checkpoint taken while that batch generates
+    assert (saved["epoch"], saved["batch"], saved["skipped_rows"]) == (1, 1, [0])
+
+    resumed = make()
+    resumed.load_state_dict(saved)
+    assert ids(resumed.next_batch()) == ["s3", "s4"]  # s1 was solved after epoch 1 started: still in it
+    running.use_ahead()
+    assert [ids(resumed.next_batch()) for _ in range(2)] == [ids(running.next_batch()) for _ in range(2)] == [
+        ["s2", "s3"], ["s4", "s5"]]  # epoch 2 leaves s0 and s1 out
+    assert resumed.state_dict() == running.state_dict()
+
+
+def test_train_iterator_skip_solved_keys(renderer):
+    cfg = load_config("tiny", ["data.skip_solved.enabled=true", "data.skip_solved.visits=3"], env={})
+    it = train_iterator(cfg.data, PromptRenderer(renderer.tokenizer, cfg.data.max_prompt_length))
+    assert it.skip_solved and it.pass_rates.visits == 3
+    assert it._statement_ids == [row.statement_id for row in it.dataset.rows]
 
 
 # ---------------------------------------------------------------------------------------------- fix cache

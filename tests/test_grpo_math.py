@@ -1,19 +1,25 @@
 """GRPO math against formulas written here independently, in numpy float64."""
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimina_jax.config import AlgorithmConfig, load_config
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import (
+    ADVANTAGE_ESTIMATORS,
     AGG_MODES,
     aggregate_loss,
     batch_agg_metric,
+    compute_advantages,
     entropy_from_logits,
     grpo_advantages,
     grpo_loss,
+    informative_groups,
     kl_penalty,
     policy_loss,
     sequence_token_weights,
@@ -35,6 +41,37 @@ def ref_advantages(scores, groups, norm_by_std, eps=1e-6):
         centered = values - values.mean()
         out[members] = centered / (values.std(ddof=1) + eps) if norm_by_std else centered
     return out
+
+
+def ref_rloo(scores, groups, eps=1e-6):
+    out = np.zeros(len(scores))
+    for i, group in enumerate(groups):
+        others = [float(scores[j]) for j in range(len(scores)) if groups[j] == group and j != i]
+        if others:  # a lone response gets 0 (verl leaves its reward)
+            out[i] = scores[i] - sum(others) / len(others)
+    return out
+
+
+def ref_passk(scores, groups, norm_by_std, eps=1e-6):
+    """verl's pass@k: the group's top response (ties: the first index) gets r_max - r_second_max."""
+    out = np.zeros(len(scores))
+    for group in set(groups.tolist()):
+        members = np.flatnonzero(groups == group)
+        if len(members) == 1:
+            continue  # verl raises; ours gives 0
+        values = scores[members].astype(np.float64)
+        top = int(np.argmax(values))
+        runner_up = max(v for k, v in enumerate(values) if k != top)
+        advantage = values[top] - runner_up
+        out[members[top]] = advantage / (values.std(ddof=1) + eps) if norm_by_std else advantage
+    return out
+
+
+REFERENCES = {
+    "grpo": ref_advantages,
+    "rloo": lambda scores, groups, norm_by_std: ref_rloo(scores, groups),
+    "grpo_passk": ref_passk,
+}
 
 
 def ref_token_loss(logp, old, adv):
@@ -114,6 +151,77 @@ def test_advantages_jit_and_single_response():
     np.testing.assert_array_equal(np.asarray(jitted(jnp.array([1.0]), jnp.array([0]), norm_by_std=True)), [0.0])
     got = np.asarray(jitted(jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.array([1, 1, 1, 1]), norm_by_std=True))
     np.testing.assert_allclose(got, ref_advantages(np.array([1.0, 0, 0, 0]), np.array([1, 1, 1, 1]), True), rtol=1e-5)
+
+
+def mixed_groups(seed):
+    """Shuffled non-contiguous ids; groups of one, all-equal groups, ties at the top, a unique best, real scores."""
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(np.repeat([7, 3, 11, 40, 2, 5, 9, 12], [8, 8, 1, 4, 8, 1, 4, 4]))
+    scores = rng.integers(0, 2, len(groups)).astype(np.float64)
+    scores[groups == 2] = 1.0  # all pass
+    scores[groups == 40] = rng.normal(size=4)  # a unique best and a distinct runner-up
+    scores[groups == 9] = [0.0, 1.0, 0.0, 1.0]  # a tie at the top
+    scores[groups == 12] = [0.0, 0.0, 1.0, 0.0]  # one success
+    return scores, groups
+
+
+# rloo with norm_by_std is refused: test_estimator_errors.
+@pytest.mark.parametrize("name, norm_by_std", [("grpo", False), ("grpo", True), ("rloo", False),
+                                               ("grpo_passk", False), ("grpo_passk", True)])
+def test_estimators_match_reference(name, norm_by_std):
+    scores, groups = mixed_groups(1)
+    got = np.asarray(compute_advantages(name, scores, groups, norm_by_std))
+    np.testing.assert_allclose(got, REFERENCES[name](scores, groups, norm_by_std), rtol=1e-5, atol=1e-6)
+    for lone in (11, 5):
+        assert got[groups == lone] == 0.0
+    assert np.all(got[groups == 2] == 0.0)
+
+
+def test_estimators_by_hand():
+    ids = np.array([0, 0, 0, 0])
+    rloo = np.asarray(compute_advantages("rloo", [1.0, 0.0, 0.0, 1.0], ids))
+    np.testing.assert_allclose(rloo, [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
+    passk = np.asarray(compute_advantages("grpo_passk", [0.0, 0.5, 1.0, 0.2], ids))
+    np.testing.assert_allclose(passk, [0.0, 0.0, 0.5, 0.0], rtol=1e-6)
+    tie = np.asarray(compute_advantages("grpo_passk", [1.0, 0.0, 1.0, 0.0], ids, norm_by_std=True))
+    np.testing.assert_array_equal(tie, [0.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_estimators_jit(name):
+    jitted = jax.jit(compute_advantages, static_argnames=("name", "norm_by_std"))
+    norm_by_std = name != "rloo"
+    np.testing.assert_array_equal(np.asarray(jitted(name, jnp.array([1.0]), jnp.array([0]), norm_by_std)), [0.0])
+    scores, groups = mixed_groups(2)
+    got = np.asarray(jitted(name, jnp.asarray(scores), jnp.asarray(groups), norm_by_std))
+    np.testing.assert_allclose(got, REFERENCES[name](scores, groups, norm_by_std), rtol=1e-5, atol=1e-6)
+
+
+def test_estimator_errors():
+    with pytest.raises(KiminaError, match="unknown advantage estimator 'gae'"):
+        compute_advantages("gae", [1.0, 0.0], [0, 0])
+    with pytest.raises(KiminaError, match="no std normalisation"):
+        compute_advantages("rloo", [1.0, 0.0], [0, 0], norm_by_std=True)
+
+
+def test_estimator_config_key():
+    assert set(typing.get_args(typing.get_type_hints(AlgorithmConfig)["adv_estimator"])) == set(ADVANTAGE_ESTIMATORS)
+    assert load_config(overrides=["algorithm.adv_estimator=grpo_passk"], env={}).algorithm.adv_estimator == "grpo_passk"
+    with pytest.raises(KiminaError, match="adv_estimator"):
+        load_config(overrides=["algorithm.adv_estimator=gae"], env={})
+    with pytest.raises(KiminaError, match="norm_adv_by_std false"):
+        load_config(overrides=["algorithm.adv_estimator=rloo", "algorithm.norm_adv_by_std=true"], env={})
+
+
+def test_informative_groups():
+    scores, groups = mixed_groups(3)
+    scores[groups == 7] = 0.0  # all fail
+    want = np.array([len({float(v) for v in scores[groups == g]}) > 1 for g in groups])
+    got = informative_groups(scores, groups)
+    assert got.dtype == bool and got.tolist() == want.tolist()
+    assert not got[np.isin(groups, [7, 2, 11, 5])].any() and got[np.isin(groups, [40, 9, 12])].all()
+    assert informative_groups([0.5, 0.25, 0.5], [-3, -3, 10**12]).tolist() == [True, True, False]
+    assert informative_groups([], []).shape == (0,)
 
 
 # ---- policy loss and aggregation ----

@@ -18,10 +18,10 @@ def test_verifiers_report_their_stats_by_metric_name():
 
 
 def test_only_the_verifying_process_reports_verifier_stats():
-    assert MainProcessRewarder(None).verifier_stats() == {}  # processes other than 0 hold no verifier
+    assert MainProcessRewarder(None).stats() == {}  # processes other than 0 hold no verifier
 
     class Counting(StandinVerifier):
         def stats(self) -> dict[str, float]:
             return {"reward/checked": 3.0}
 
-    assert MainProcessRewarder(Rewarder(Counting())).verifier_stats() == {"reward/checked": 3.0}
+    assert MainProcessRewarder(Rewarder(Counting())).stats() == {"reward/checked": 3.0}

@@ -1,21 +1,27 @@
-"""Training batches: a seeded shuffle per epoch, error-fix prompts mixed in, a position saved in checkpoints.
+"""Training batches: a seeded shuffle per epoch, error-fix prompts mixed in, solved statements optionally left
+out, a position saved in checkpoints.
 
 Multi-host: every process holds the same row table (so all agree, without talking, on the order and on which
 rows the length filter dropped) but builds `Prompt`s only for its own contiguous share of each global batch;
 the shares of all processes make up the global batch exactly once. Fix-cache draws are made for the global
-batch on every process alike, so the shares stay consistent.
+batch on every process alike, and every process records the same global results in its pass-rate memory, so
+the shares and the statements left out stay consistent.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from kimina_jax.config import DataConfig
 from kimina_jax.data.fix_cache import FixCache
-from kimina_jax.data.prompts import PromptRenderer, load_prompt_dataset
+from kimina_jax.data.pass_rates import PassRateMemory
+from kimina_jax.data.prompts import PromptDataset, PromptRenderer, load_prompt_dataset
 from kimina_jax.errors import KiminaError
 from kimina_jax.types import Prompt
+
+log = logging.getLogger(__name__)
 
 
 class PromptIterator:
@@ -25,9 +31,14 @@ class PromptIterator:
     epoch's order is a permutation seeded by (seed, epoch). As in the original recipe, a batch row drawn from the
     fix cache replaces the dataset row at that position (the dataset row is skipped for this epoch).
 
+    With `skip_solved`, the statements `pass_rates` holds as solved when an epoch's first batch is drawn are left
+    out of that epoch (its order is the full permutation without them, so it has fewer batches); when fewer than a
+    batch would remain, none is left out. `drawn_epoch` and `skipped_solved` describe the latest batch drawn: its
+    epoch, and how many rows were left out of that epoch.
+
     A batch drawn `ahead` (off-policy: for the step after the one training) is not yet part of the run's past:
     until `use_ahead()`, `state_dict()` gives the position before it, so a run resumed from a checkpoint taken
-    meanwhile draws it again.
+    meanwhile draws it again. Extra draws (dynamic sampling) are ordinary draws.
     """
 
     def __init__(
@@ -40,6 +51,8 @@ class PromptIterator:
         fix_cache: FixCache | None = None,
         process_index: int = 0,
         process_count: int = 1,
+        pass_rates: PassRateMemory | None = None,
+        skip_solved: bool = False,
     ):
         if batch_size % process_count:
             raise KiminaError(f"train batch size {batch_size} is not divisible by the {process_count} processes")
@@ -52,53 +65,85 @@ class PromptIterator:
         self.seed = seed
         self.shuffle = shuffle
         self.fix_cache = fix_cache
+        self.pass_rates = PassRateMemory() if pass_rates is None else pass_rates
+        self.skip_solved = skip_solved
+        self._statement_ids = _statement_ids(dataset) if skip_solved else []
         share = batch_size // process_count
         self._share = slice(process_index * share, (process_index + 1) * share)
         self.epoch = 0
         self.batch = 0  # index of the next batch within the epoch
+        self._skipped: list[int] | None = None  # rows left out of `epoch`; None: not decided before its first draw
         self._order_epoch = -1
         self._order = np.arange(0)
         self._before_ahead: dict[str, Any] | None = None
+        self.drawn_epoch = 0
+        self.skipped_solved = 0
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches in an epoch of every row (one that leaves solved statements out has fewer)."""
         return len(self.dataset) // self.batch_size
 
     def next_batch(self, ahead: bool = False) -> list[Prompt]:
         """This process's prompts of the next global batch (turn-2 prompts from the fix cache mixed in)."""
         if ahead:
-            self._before_ahead = {"epoch": self.epoch, "batch": self.batch}
+            self._before_ahead = self._position()
+        order = self._epoch_order()
         start = self.batch * self.batch_size
-        rows = self._epoch_order()[start : start + self.batch_size]
+        rows = order[start : start + self.batch_size]
         cached = self.fix_cache.draw(self.batch_size) if self.fix_cache is not None else [None] * self.batch_size
+        self.drawn_epoch, self.skipped_solved = self.epoch, len(self._skipped)
         self.batch += 1
-        if self.batch == self.steps_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch == len(order) // self.batch_size:
+            self.epoch, self.batch, self._skipped = self.epoch + 1, 0, None
         return [
             fix if fix is not None else self.dataset[int(row)]
             for row, fix in zip(rows[self._share], cached[self._share])
         ]
 
+    def _position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "skipped_rows": self._skipped}
+
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             n = len(self.dataset)
             rng = np.random.default_rng((self.seed, self.epoch))
-            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self._skipped is None:
+                self._skipped = self._solved_rows()
+            self._order = order[~np.isin(order, self._skipped)]
             self._order_epoch = self.epoch
         return self._order
+
+    def _solved_rows(self) -> list[int]:
+        """The rows to leave out of the epoch starting now (see the class docstring)."""
+        if not self.skip_solved:
+            return []
+        solved = [row for row, statement in enumerate(self._statement_ids) if self.pass_rates.solved(statement)]
+        if len(self.dataset) - len(solved) < self.batch_size:
+            log.warning(
+                "epoch %d: %d of %d statements are solved, fewer than a batch (%d) would remain: none is left out",
+                self.epoch, len(solved), len(self.dataset), self.batch_size,
+            )
+            return []
+        return solved
 
     def use_ahead(self) -> None:
         """The batch drawn ahead now belongs to the step training on it."""
         self._before_ahead = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The position (before a batch drawn ahead) and the fix cache (with that batch's draw undone)."""
-        position = self._before_ahead or {"epoch": self.epoch, "batch": self.batch}
+        """The position (before a batch drawn ahead) with the rows left out of its epoch, the fix cache (with that
+        batch's draw undone) and the pass-rate memory."""
+        position = self._before_ahead or self._position()
         fix_cache = None
         if self.fix_cache is not None:
             fix_cache = self.fix_cache.state_dict()
             fix_cache["draws"] -= self._before_ahead is not None  # drawing a batch draws once from the cache
-        return {**position, "dataset_size": len(self.dataset), "batch_size": self.batch_size, "fix_cache": fix_cache}
+        return {
+            **position, "dataset_size": len(self.dataset), "batch_size": self.batch_size, "fix_cache": fix_cache,
+            "pass_rates": self.pass_rates.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = (int(state["dataset_size"]), int(state["batch_size"]))
@@ -108,9 +153,20 @@ class PromptIterator:
                 f"{saved[1]}, this run has {len(self.dataset)} prompts in batches of {self.batch_size}"
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._skipped = state.get("skipped_rows")
+        self._order_epoch = -1  # the restored epoch's order leaves out the restored rows
         if self.fix_cache is not None and state.get("fix_cache") is not None:
             self.fix_cache.load_state_dict(state["fix_cache"])
+        if state.get("pass_rates") is not None:
+            self.pass_rates.load_state_dict(state["pass_rates"])
         self._before_ahead = None
+
+
+def _statement_ids(dataset: Sequence[Prompt]) -> list[str]:
+    """Each row's statement id; a PromptDataset gives them without rendering its prompts."""
+    if isinstance(dataset, PromptDataset):
+        return [row.statement_id for row in dataset.rows]
+    return [prompt.statement_id for prompt in dataset]
 
 
 def train_iterator(
@@ -128,4 +184,6 @@ def train_iterator(
         fix_cache=cache,
         process_index=process_index,
         process_count=process_count,
+        pass_rates=PassRateMemory(cfg.skip_solved.visits),
+        skip_solved=cfg.skip_solved.enabled,
     )

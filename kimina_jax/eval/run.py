@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kimina_jax.checkpoint import MODEL_FILES, load_config_dict, load_model_for_export
-from kimina_jax.config import ENV_URL, EvalConfig
+from kimina_jax.config import ENV_URL, EvalConfig, uses_lean
 from kimina_jax.data import PromptRenderer, load_prompt_dataset, load_tokenizer
 from kimina_jax.data.datasets import column_names
 from kimina_jax.errors import KiminaError
@@ -23,7 +23,7 @@ from kimina_jax.eval.metrics import summarize, turn_values, val_metric_names
 from kimina_jax.eval.records import SampleStore, restore_sample, sample_record
 from kimina_jax.eval.validation import fix_params, fix_targets, sample_and_submit
 from kimina_jax.models import load_hf_checkpoint
-from kimina_jax.reward import Rewarder
+from kimina_jax.reward import RewardFunction, reward_from_config
 from kimina_jax.rollout import RolloutEngine, SamplingParams
 from kimina_jax.rollout.factory import make_engine
 from kimina_jax.types import Prompt
@@ -158,19 +158,18 @@ class Evaluation:
         return make_engine(rollout, model, self.renderer.tokenizer, model_dir=source.files_dir)
 
     @functools.cached_property
-    def rewarder(self) -> Rewarder:
-        verifier = self.cfg.verifier
-        rewarder = Rewarder.from_config(verifier, self.cfg.reward.format)
-        if verifier.kind == "lean" and not rewarder.verifier.health():
-            rewarder.verifier.close()
-            raise KiminaError(f"the Lean server at {verifier.url} does not answer /health: is it running?")
+    def rewarder(self) -> RewardFunction:
+        rewarder = reward_from_config(self.cfg.reward, self.cfg.verifier)
+        if uses_lean(self.cfg) and not rewarder.verifier.health():
+            rewarder.close()
+            raise KiminaError(f"the Lean server at {self.cfg.verifier.url} does not answer /health: is it running?")
         return rewarder
 
     def close(self) -> None:
         if "engine" in self.__dict__:
             self.engine.close()
         if "rewarder" in self.__dict__:
-            self.rewarder.verifier.close()
+            self.rewarder.close()
 
     def _seed(self, turn: int, first_problem: int, first_index: int) -> int:
         """A seed per generate call, so a resumed or extended run does not repeat earlier samples."""
@@ -246,9 +245,9 @@ class Evaluation:
 def run_evaluation(cfg: EvalConfig, source: ModelSource) -> dict:
     """Sample, verify, record, summarize. Returns the summary (also written to summary.json)."""
     run, verifier = cfg.eval, cfg.verifier
-    if verifier.kind == "lean" and not verifier.url:
+    if uses_lean(cfg) and not verifier.url:
         raise KiminaError(f"verifier.kind lean needs the Lean server's address in ${ENV_URL} (e.g. http://localhost)")
-    if verifier.kind == "standin":
+    if verifier.kind == "standin" and cfg.reward.function in (None, "lean"):
         print(f"WARNING: {STANDIN_WARNING}", file=sys.stderr)
     tokenizer = load_tokenizer(str(source.files_dir))
     prompts, renderer, data_source = load_problems(cfg, tokenizer)
@@ -264,6 +263,7 @@ def run_evaluation(cfg: EvalConfig, source: ModelSource) -> dict:
         "model": str(source.path.absolute()), "dataset": dataset, "split": run.split, **sampling,
         "max_prompt_length": cfg.data.max_prompt_length,
         "max_feedback_chars": cfg.data.error_fix.max_feedback_chars, "verifier": verifier.kind,
+        "reward": cfg.reward.function or "lean",
     })
     store = SampleStore(out / SAMPLES_FILE)
     evaluation = Evaluation(cfg, source, prompts, renderer, store)
@@ -278,6 +278,7 @@ def run_evaluation(cfg: EvalConfig, source: ModelSource) -> dict:
         "model": str(source.path), "dataset": given, "split": run.split, "data_source": data_source,
         "problems": len(prompts), "n": run.n, "k": ks, "error_fix": run.error_fix, "sampling": sampling,
         "verifier": "lean" if verifier.kind == "lean" else "standin (LOCAL STAND-IN, NOT Lean)",
+        "reward": cfg.reward.function or "lean",
         "samples_verified_this_run": evaluation.verified_now, "counts": counts, "metrics": averaged,
         "val_metrics": val_metric_names(averaged, data_source, run.n), "per_problem": per_problem,
     }

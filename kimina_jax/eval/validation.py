@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from kimina_jax.config import ErrorFixConfig
 from kimina_jax.data import PromptRenderer, build_fix_prompts
 from kimina_jax.eval.metrics import Outcome, summarize, turn_values, val_metric_names
-from kimina_jax.reward import PendingSample, Rewarder
+from kimina_jax.reward import PendingSample, RewardFunction
 from kimina_jax.rollout import RolloutEngine, SamplingParams
 from kimina_jax.types import Prompt, Sample
 
@@ -24,7 +24,7 @@ def fix_params(params: SamplingParams) -> SamplingParams:
 
 def sample_and_submit(
     engine: RolloutEngine,
-    rewarder: Rewarder,
+    rewarder: RewardFunction,
     prompts: Sequence[Prompt],
     sample_indices: Sequence[Sequence[int]],
     params: SamplingParams,
@@ -65,7 +65,7 @@ def fix_targets(
 
 def validate(
     engine: RolloutEngine,
-    rewarder: Rewarder,
+    rewarder: RewardFunction,
     prompts: Sequence[Prompt],
     params: SamplingParams,
     renderer: PromptRenderer,

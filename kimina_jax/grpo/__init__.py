@@ -1,17 +1,22 @@
 """GRPO core: the math of SPEC 3, packing into fixed-shape rows, chunked log-probs, the jitted update."""
 from kimina_jax.grpo.logprobs import chunked_logprobs, token_logprobs
 from kimina_jax.grpo.math import (
+    ADVANTAGE_ESTIMATORS,
     AGG_MODES,
     KL_KINDS,
     aggregate_loss,
     batch_agg_metric,
+    compute_advantages,
     entropy_from_logits,
     grpo_advantages,
     grpo_loss,
+    grpo_passk_advantages,
+    informative_groups,
     kl_penalty,
     masked_mean,
     policy_loss,
     ppo_token_loss,
+    rloo_advantages,
     sequence_token_weights,
     truncated_is_weight,
     weighted_token_sum,
@@ -22,6 +27,7 @@ from kimina_jax.grpo.reference import ReferencePolicy
 from kimina_jax.grpo.step import TrainState, TrainStep, accumulate_gradients, micro_batch_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_KINDS",
     "PackItem",
@@ -33,9 +39,12 @@ __all__ = [
     "aggregate_loss",
     "batch_agg_metric",
     "chunked_logprobs",
+    "compute_advantages",
     "entropy_from_logits",
     "grpo_advantages",
     "grpo_loss",
+    "grpo_passk_advantages",
+    "informative_groups",
     "kl_penalty",
     "learning_rate_schedule",
     "make_optimizer",
@@ -44,6 +53,7 @@ __all__ = [
     "pack_samples",
     "policy_loss",
     "ppo_token_loss",
+    "rloo_advantages",
     "row_length_buckets",
     "sequence_token_weights",
     "token_logprobs",

@@ -1,4 +1,5 @@
-"""Completions -> scored `Sample`s: format check, proof extraction, verification, score and feedback.
+"""The built-in reward (registered as `lean`): completions -> scored `Sample`s by format check, proof extraction,
+verification, score and error-fix feedback.
 
 Verification starts as soon as a group is submitted (`submit`), so a caller can keep generating while the
 verifier works and collect the finished samples later (`collect`).
@@ -9,31 +10,27 @@ import concurrent.futures
 import dataclasses
 from collections.abc import Sequence
 
-from tqdm import tqdm
-
+from kimina_jax.errors import KiminaError
+from kimina_jax.reward.base import PendingSample, RewardFunction, Verifier, wait_all
 from kimina_jax.reward.extract import extract_proof
 from kimina_jax.reward.feedback import build_feedback
 from kimina_jax.reward.format import DEFAULT_THRESHOLDS, FormatThresholds
-from kimina_jax.errors import KiminaError
-from kimina_jax.reward.base import Verifier
 from kimina_jax.reward.lean_client import LeanClient
-from kimina_jax.reward.standin_verifier import StandinVerifier
 from kimina_jax.reward.scoring import score
+from kimina_jax.reward.standin_verifier import StandinVerifier
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
-class PendingSample:
+class PendingProof(PendingSample):
     """A completion whose proof (if any) is being verified."""
 
-    prompt: Prompt
-    completion: Completion
     proof_code: str | None
     verdict: concurrent.futures.Future[Verdict] | None
 
 
-class Rewarder:
-    """Scores completions with one verifier (the Lean server client or the local stand-in)."""
+class Rewarder(RewardFunction):
+    """The format x Lean reward, with one verifier (the Lean server client or the local stand-in)."""
 
     def __init__(self, verifier: Verifier, thresholds: FormatThresholds = DEFAULT_THRESHOLDS):
         self.verifier = verifier
@@ -54,30 +51,27 @@ class Rewarder:
             )
         return cls(verifier, format_cfg)
 
-    def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingSample]:
+    def submit(self, prompt: Prompt, completions: Sequence[Completion]) -> list[PendingProof]:
         """Extracts each completion's proof and sends the proofs for verification (non-blocking)."""
         codes = [extract_proof(c.text, prompt.formal_statement) for c in completions]
         futures = iter(self.verifier.submit([code for code in codes if code is not None]))
         return [
-            PendingSample(prompt, completion, code, None if code is None else next(futures))
+            PendingProof(prompt, completion, code, None if code is None else next(futures))
             for completion, code in zip(completions, codes)
         ]
 
-    def collect(self, pending: Sequence[PendingSample], progress: str | None = None) -> list[Sample]:
-        """Waits for the verdicts and scores every sample, in order; `progress` labels a progress bar."""
-        if progress is not None:
-            verdicts = [p.verdict for p in pending if p.verdict is not None]
-            with tqdm(total=len(verdicts), desc=progress, unit="proof", leave=False) as bar:
-                for _ in concurrent.futures.as_completed(verdicts):
-                    bar.update()
+    def collect(self, pending: Sequence[PendingProof], progress: str | None = None) -> list[Sample]:
+        """Waits for the verdicts and scores every sample, in order."""
+        wait_all((p.verdict for p in pending if p.verdict is not None), progress, unit="proof")
         return [self._scored(p, None if p.verdict is None else p.verdict.result()) for p in pending]
 
-    def score_groups(self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Completion]]) -> list[Sample]:
-        """Scores every group (all verifications in flight together); samples come back flat, in order."""
-        pending = [p for prompt, group in zip(prompts, groups) for p in self.submit(prompt, group)]
-        return self.collect(pending)
+    def stats(self) -> dict[str, float]:
+        return self.verifier.stats()
 
-    def _scored(self, pending: PendingSample, verdict: Verdict | None) -> Sample:
+    def close(self) -> None:
+        self.verifier.close()
+
+    def _scored(self, pending: PendingProof, verdict: Verdict | None) -> Sample:
         reward, acc, format_error = score(
             pending.completion.text, pending.prompt.messages, pending.prompt.formal_statement, verdict,
             self.thresholds,
