@@ -10,7 +10,6 @@ import logging
 import shutil
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -280,12 +279,9 @@ def test_max_gen_batches_stops_and_the_step_trains_on_what_there_is(tmp_path, mo
 
 def test_the_loop_remembers_turn_1_groups_as_passed_over_verified():
     memory = PassRateMemory(visits=2)
-    trainer = SimpleNamespace(
-        cfg=SimpleNamespace(rollout=SimpleNamespace(n=N)), data=SimpleNamespace(pass_rates=memory)
-    )
     fixes = [dataclasses.replace(s, prompt=dataclasses.replace(s.prompt, turn=2)) for s in group("a", [1, 1, 1, 1])]
     samples = group("a", [1, 0, 1, 0], unverified=(3,)) + group("b", [1, 1, 1, 1]) + fixes
-    train.Trainer._remember_pass_rates(trainer, samples)
+    memory.record_groups(samples, N)
     assert memory.pass_rates("a") == [pytest.approx(2 / 3)] and not memory.solved("a")  # the fix turn is not a visit
     assert memory.pass_rates("b") == [1.0] and len(memory) == 2
 
