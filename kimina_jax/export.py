@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kimina_jax.checkpoint import load_model_for_export, step_folder, writable_folder
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import load_hf_checkpoint, save_hf_checkpoint
 from kimina_jax.models.hf import TOKENIZER_FILES
@@ -15,7 +16,8 @@ from kimina_jax.models.hf import TOKENIZER_FILES
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m kimina_jax.export", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="an HF folder, or a training checkpoint <run>/checkpoints/<step>")
+    parser.add_argument("--checkpoint", required=True,
+                        help="an HF folder, a training run folder (its newest step) or a step <run>/checkpoints/<step>")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the written tensors (default: as stored)")
@@ -30,9 +32,11 @@ def _load(checkpoint: Path):
         gen_path = checkpoint / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         return load_hf_checkpoint(checkpoint), checkpoint if has_tokenizer else None, gen
-    from kimina_jax.checkpoint import load_model_for_export
-
-    model, tokenizer_dir = load_model_for_export(checkpoint)
+    step = step_folder(checkpoint, "--checkpoint")
+    if step is None:
+        raise KiminaError(f"--checkpoint {checkpoint}: neither an HF folder (config.json) nor a training run folder "
+                          "(checkpoints/) or checkpoint step folder (params/)")
+    model, tokenizer_dir = load_model_for_export(step)
     return model, tokenizer_dir, None
 
 
@@ -40,6 +44,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str | None = None, to
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise KiminaError(f"--checkpoint {checkpoint}: no such folder")
+    writable_folder(out, "--out")
     model, found_tokenizer, gen = _load(checkpoint)
     total = model.config.num_params * (2 if dtype in ("bfloat16", "float16") else 4)
     with tqdm(total=total, unit="B", unit_scale=True, desc="export") as bar:

@@ -188,6 +188,16 @@ class MetricsWriter:
         values = [Summary.Value(tag=name, simple_value=float(v)) for name, v in metrics.items() if v is not None]
         self._writer.add_summary(Summary(value=values), global_step=step)
 
+    def restart_at(self, step: int) -> None:
+        """A resumed run logs from `step` on again: TensorBoard drops the points at `step` and later that an earlier
+        process logged (its purge on a session restart, as tensorboardX's `purge_step`)."""
+        if self._writer is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._writer.add_event(Event(step=step, file_version="brain.Event:2"))
+        self._writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
     def samples(self, step: int, samples: Sequence[Sample], tag: str = "samples") -> None:
         """The first `num_text_samples` samples as Markdown text under `{tag}/turn_{t}`."""
         if self._writer is None:

@@ -25,10 +25,12 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from kimina_jax.errors import KiminaError
 from kimina_jax.parallel import allgather_objects, broadcast_object
-from kimina_jax.reward import PendingSample, RewardFunction
+from kimina_jax.reward import LeanClient, PendingSample, RewardFunction
 from kimina_jax.rollout import RolloutEngine, SamplingParams
 from kimina_jax.types import Completion, Prompt, Sample
+from kimina_jax.urls import redact_url
 
 # (global batch position, prompt, its completions) for each prompt of one engine call
 Groups = list[tuple[int, Prompt, list[Completion]]]
@@ -61,6 +63,16 @@ class MainProcessRewarder:
         """Whether this process scores (process 0)."""
         return self.rewarder is not None
 
+    def check_ready(self) -> None:
+        """Process 0's start-up check of its Lean server (`LeanClient.check_ready`; nothing for other verifiers);
+        the reward is closed when it fails."""
+        if isinstance(self.verifier, LeanClient):
+            try:
+                self.verifier.check_ready()
+            except KiminaError:
+                self.close()
+                raise
+
     def stats(self) -> dict[str, float]:
         """Process 0's `RewardFunction.stats()`; empty elsewhere."""
         return {} if self.rewarder is None else self.rewarder.stats()
@@ -83,6 +95,34 @@ class MainProcessRewarder:
     def close(self) -> None:
         if self.rewarder is not None:
             self.rewarder.close()
+
+
+class UnverifiedSteps:
+    """Counts training steps in a row none of whose samples the verifier judged (server down, refusing, broken):
+    after `limit` of them (0: never) the run should checkpoint and stop instead of training on nothing. Every
+    process holds the same samples, so every process counts alike."""
+
+    def __init__(self, limit: int, url: str | None):
+        self.limit, self.url = limit, redact_url(url)
+        self.count = 0
+        self.last_error = ""
+
+    def update(self, samples: Sequence[Sample]) -> None:
+        unjudged = [s.verdict for s in samples if s.verdict is not None and not s.verdict.is_verified]
+        if len(unjudged) < len(samples) or not samples:
+            self.count = 0
+            return
+        self.count += 1
+        self.last_error = unjudged[-1].error or self.last_error
+
+    @property
+    def exceeded(self) -> bool:
+        return 0 < self.limit <= self.count
+
+    def error(self, step: int) -> KiminaError:
+        return KiminaError(
+            f"stopped after step {step} (checkpoint written): {self.count} steps in a row had no sample verified by "
+            f"the Lean server {self.url} (verifier.max_unverified_steps={self.limit}); last error: {self.last_error}")
 
 
 class ProcessShardedEngine(RolloutEngine):

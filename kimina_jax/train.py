@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from kimina_jax import metrics as stats
-from kimina_jax.checkpoint import Checkpointer, write_model_files
+from kimina_jax.checkpoint import Checkpointer, claim_run_dir, writable_folder, write_model_files
 from kimina_jax.config import TINY, TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError
@@ -58,7 +58,7 @@ from kimina_jax.parallel import (
     maybe_initialize_distributed,
     parse_distributed_flags,
 )
-from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts
+from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts, UnverifiedSteps
 from kimina_jax.reward import FormatError, extra_means, reward_from_config
 from kimina_jax.rollout import SamplingParams, logprob_diff
 from kimina_jax.rollout.factory import make_engine, share_accelerator_with_vllm
@@ -90,10 +90,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
+        writable_folder(self.run_dir, "--run-dir")
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(*validate_for_devices(cfg, jax.device_count(), jax.process_count()))
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.renderer = PromptRenderer(self.tokenizer, cfg.data.max_prompt_length)
+        self.rewarder = MainProcessRewarder(
+            reward_from_config(cfg.reward, cfg.verifier) if self.is_main else None
+        )
+        self.rewarder.check_ready()  # before any compute: a broken Lean server is one clear error, not a wasted run
+        self.unverified = UnverifiedSteps(cfg.verifier.max_unverified_steps, cfg.verifier.url)
         self.model = self._load_model()
         if self.is_main:
             m = cfg.model
@@ -101,9 +107,6 @@ class Trainer:
                      "rollout engine %s", jax.process_count(), jax.device_count(), jax.default_backend(),
                      dict(self.mesh.shape), m.dtype, m.param_dtype,
                      resolve_attention_impl(m.attention_impl, to_jax_dtype(m.dtype)), m.remat, cfg.rollout.engine)
-            save_resolved(cfg, self.run_dir)
-            write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
-        barrier("model_files")  # the other processes' engines start from them
         self.data = train_iterator(cfg.data, self.renderer, jax.process_index(), jax.process_count())
         self.val_prompts = load_prompt_dataset(
             cfg.data.val, self.renderer, cfg.data.filter_overlong_prompts, "data.val"
@@ -118,14 +121,17 @@ class Trainer:
             cfg.algorithm.kl, self.state.params, self.step_fn, load_model=self._load_reference
         ) if cfg.algorithm.kl.enabled else None
         self.buckets = row_length_buckets(cfg.algorithm.pack_length, min_length=min(256, cfg.algorithm.pack_length))
+        # Everything is checked and loaded: only now is the run folder written (a failed rerun leaves it as it was).
+        claim_run_dir(self.run_dir, config_to_dict(cfg), self.model.config.to_dict(), cfg.trainer.resume, self.is_main)
+        if self.is_main:
+            save_resolved(cfg, self.run_dir)
+            write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
+        barrier("model_files")  # the other processes' engines start from them
         multi = jax.process_count() > 1
         engine_model = nnx.merge(self.step_fn.graphdef, self._engine_weights()) if multi else self.model
         self.engine = make_engine(cfg.rollout, engine_model, self.tokenizer, model_dir=self.run_dir / "model_files")
         # Validation spreads its prompts over the processes; training rollouts do so through the data shares.
         self.val_engine = ProcessShardedEngine(self.engine) if multi else self.engine
-        self.rewarder = MainProcessRewarder(
-            reward_from_config(cfg.reward, cfg.verifier) if self.is_main else None
-        )
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.trainer.keep_checkpoints)
         self.writer = stats.MetricsWriter(
             self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
@@ -166,7 +172,7 @@ class Trainer:
             self.step += 1
             start = time.perf_counter()  # verl's step time: everything up to logging, validation and saving too
             metrics = self.train_step()
-            stopping = any_process(self.stop.requested)
+            stopping = any_process(self.stop.requested) or self.unverified.exceeded
             if self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total:
                 metrics.update(self._validate(log_now=False))
             if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or stopping:
@@ -179,6 +185,8 @@ class Trainer:
             self.writer.log_step(self.step, metrics, self._text_samples)
         self.checkpointer.wait()
         self.close()
+        if self.unverified.exceeded:  # checkpointed above; the run ends non-zero
+            raise self.unverified.error(self.step)
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step, stage by stage as in DESIGN.md: rollouts -> advantages and packing -> old (and reference)
@@ -186,6 +194,8 @@ class Trainer:
         samples, generated, metrics = self._rollouts()
         self._text_samples = samples
         if not samples:  # dynamic sampling kept no group within its generation batches: nothing to train on
+            self.unverified.update(generated)
+            self._dump(generated)
             return {**metrics, **self._error_fix_feedback(generated), "perf/total_num_tokens": 0.0}
         verified, advantages = self._advantages(samples)
         batches = self._pack(samples, verified, advantages)
@@ -203,7 +213,13 @@ class Trainer:
         metrics.update(actor)
         metrics.update(self._logprob_diff(samples, batches))
         metrics.update(self._step_metrics(samples, verified, advantages, entropies, metrics))
+        self._dump(generated)
         return metrics
+
+    def _dump(self, generated: list[Sample]) -> None:
+        """Every sample generated for the step (dropped groups too), written once the step is done."""
+        if self.is_main and self.cfg.logging.dump_rollouts:
+            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", generated)
 
     def _rollouts(self) -> tuple[list[Sample], list[Sample], dict[str, float]]:
         """This step's samples to train on, every sample generated for it (dumped, and remembered in the pass
@@ -224,8 +240,6 @@ class Trainer:
         metrics["training/epoch"] = self.data.drawn_epoch  # of the step's last batch (verl's epoch loop)
         if self.data.skip_solved:
             metrics["data/skipped_solved"] = self.data.skipped_solved
-        if self.is_main and self.cfg.logging.dump_rollouts:
-            dump_samples(self.run_dir / "rollouts" / f"step_{self.step}.jsonl", generated)
         if self.cfg.algorithm.off_policy and self.step < self.steps_total:
             self._next_rollouts = self._start_rollouts(self.step + 1, ahead=True)
         return samples, generated, metrics
@@ -246,6 +260,9 @@ class Trainer:
             more, timings = self._start_rollouts(self.step, gen_batch=groups.gen_batches).finish()
             groups.add(more)
             generated = generated + more
+            if all(s.verdict is not None and not s.verdict.is_verified for s in more):
+                log.warning("step %d: the verifier judged none of a generation batch; no more batches", self.step)
+                break
             for name, seconds in timings.items():
                 metrics[name] = metrics.get(name, 0.0) + seconds
         if not groups.full:
@@ -362,23 +379,27 @@ class Trainer:
     def _step_metrics(self, samples, verified, advantages, entropies, timings) -> dict[str, float]:
         """verl's step metrics (SPEC 9) from the step's samples; `timings` holds its `timing_s/*` so far."""
         cfg, trainer = self.cfg, self.cfg.trainer
+        self.unverified.update(samples)  # fit() stops after too many steps in a row with nothing verified
         kept = [samples[i] for i in verified]
         lengths = [len(samples[i].completion.token_ids) for i in verified]
-        scores = [s.score for s in kept] or [0.0]
-        advantages, lengths = (advantages, lengths) if kept else ([0.0], [1])
-        prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
-        format_checked = [s for s in samples if s.format_error]  # a user's reward checks no format
-        return {
+        scores = [s.score for s in kept]
+        # Nothing verified: no score, advantage or accuracy point (a 0 would read as wrong proofs), as validation.
+        judged = {
             **stats.score_stats(scores),
             **stats.score_stats(scores, name="rewards"),
             **stats.advantage_stats(advantages, lengths),
             **stats.advantage_stats(advantages, lengths, name="returns"),
+            "reward/accuracy": float(np.mean([s.acc for s in kept])),
+        } if kept else {}
+        prompts = [s.prompt for s in samples[:: cfg.rollout.n]]
+        format_checked = [s for s in samples if s.format_error]  # a user's reward checks no format
+        return {
+            **judged,
             **stats.length_stats("response_length", [len(s.completion.token_ids) for s in samples], cfg.rollout.max_tokens),
             **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
             **(stats.format_error_counts(format_checked, [str(e) for e in FormatError]) if format_checked else {}),
             "actor/entropy": batch_agg_metric(entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length),
             "reward/unverified": float(len(samples) - len(verified)),
-            "reward/accuracy": float(np.mean([s.acc for s in kept])) if kept else 0.0,
             **extra_means(samples),
             **self.rewarder.stats(),
             "training/global_step": self.step,
@@ -433,6 +454,7 @@ class Trainer:
         self.data.load_state_dict(loop["data"])
         self.step = int(loop["step"])
         self.engine.update_weights(self._engine_weights())
+        self.writer.restart_at(self.step + 1)  # TensorBoard hides the points of the steps run again
         log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
 
     def close(self) -> None:

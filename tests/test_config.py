@@ -1,15 +1,19 @@
 """Config: recipes load with SPEC 10 numbers; typos, bad types and impossible combinations give one clear error."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kimina_jax.config import (
+    RANGES,
     RECIPE_DIR,
+    EvalRunConfig,
     TrainConfig,
     config_to_dict,
     load_config,
@@ -138,7 +142,8 @@ def test_bad_type_names_key_and_expected_type(override, expected):
         (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one mesh axis may be -1"),
         (["rollout.engine=vllm-server"], r"rollout.servers.urls is empty"),
         (["rollout.max_tokens=99"], r"'rollout.max_tokens' is derived from data.max_response_length \(64\)"),
-        (["model.tiny.head_dim=16"], r"head_dim must be >= 32"),
+        (["model.tiny.head_dim=16"], r"'model.tiny.head_dim' must be >= 32"),
+        (["model.tiny.num_key_value_heads=3"], r"heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
         (["model.path=/models/qwen3", "verifier.url=http://lean"], r"data.tokenizer 'tiny' only fits model.path"),
         (["model.path=/models/qwen3", "data.tokenizer=null", "verifier.kind=standin"], r"'standin' is only for"),
     ],
@@ -146,6 +151,117 @@ def test_bad_type_names_key_and_expected_type(override, expected):
 def test_impossible_combinations(overrides, expected):
     with pytest.raises(KiminaError, match=expected):
         load_config("tiny", overrides, env={})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.grad_clip=-1", r"'optim.grad_clip' must be > 0 \(the global-norm bound\), got -1.0$"),
+        ("optim.grad_clip=0", r"'optim.grad_clip' must be > 0 .*got 0.0$"),
+        ("optim.lr=.inf", r"'optim.lr' must be a finite number, got inf$"),
+        ("optim.lr=.nan", r"'optim.lr' must be a finite number, got nan$"),
+        ("optim.eps=0", r"'optim.eps' must be > 0, got 0.0$"),
+        ("optim.b1=1.5", r"'optim.b1' must be in \[0, 1\), got 1.5$"),
+        ("optim.b2=1", r"'optim.b2' must be in \[0, 1\), got 1.0$"),
+        ("optim.weight_decay=-5", r"'optim.weight_decay' must be >= 0, got -5.0$"),
+        ("optim.warmup_steps=-1", r"'optim.warmup_steps' must be >= 0, got -1$"),
+        ("optim.min_lr_ratio=1.5", r"'optim.min_lr_ratio' must be in \[0, 1\], got 1.5$"),
+        ("algorithm.clip_low=-0.5", r"'algorithm.clip_low' must be in \[0, 1\), got -0.5$"),
+        ("algorithm.clip_high=-0.1", r"'algorithm.clip_high' must be >= 0, got -0.1$"),
+        ("algorithm.clip_c=1", r"'algorithm.clip_c' must be > 1 \(verl's clip_ratio_c, .*\), got 1.0$"),
+        ("algorithm.kl.coef=-1", r"'algorithm.kl.coef' must be >= 0, got -1.0$"),
+        ("algorithm.entropy_coeff=-0.1", r"'algorithm.entropy_coeff' must be >= 0, got -0.1$"),
+        ("rollout.top_k=-2", r"'rollout.top_k' must be >= -1 \(-1 or 0: off\), got -2$"),
+        ("rollout.val.top_p=0", r"'rollout.val.top_p' must be in \(0, 1\], got 0.0$"),
+        ("rollout.temperature=.inf", r"'rollout.temperature' must be a finite number, got inf$"),
+        ("trainer.total_epochs=-3", r"'trainer.total_epochs' must be > 0, got -3$"),
+        ("trainer.peak_tflops_per_device=0", r"'trainer.peak_tflops_per_device' must be > 0 .*got 0.0$"),
+        ("verifier.retries=-1", r"'verifier.retries' must be >= 0, got -1$"),
+        ("verifier.timeout_s=.inf", r"'verifier.timeout_s' must be a finite number, got inf$"),
+        ("model.tiny.hidden_size=-64", r"'model.tiny.hidden_size' must be > 0, got -64$"),
+        ("model.tiny.num_hidden_layers=0", r"'model.tiny.num_hidden_layers' must be > 0, got 0$"),
+        ("model.tiny.vocab_size=0", r"'model.tiny.vocab_size' must be > 0 \(null: the tokenizer's size\), got 0$"),
+        ("model.tiny.rope_theta=-1", r"'model.tiny.rope_theta' must be > 0, got -1.0$"),
+        ("model.tiny.rms_norm_eps=0", r"'model.tiny.rms_norm_eps' must be > 0, got 0.0$"),
+        ("mesh.tensor=0", r"'mesh.tensor' must be -1 or > 0 \(-1: all remaining devices\), got 0$"),
+        ("data.train.limit=0", r"'data.train.limit' must be > 0 \(null: all rows\), got 0$"),
+        ("reward.format.min_coverage=2", r"'reward.format.min_coverage' must be in \[0, 1\], got 2.0$"),
+        ("experiment.seed=-1", r"'experiment.seed' must be >= 0, got -1$"),
+    ],
+)
+def test_out_of_range_value_names_the_key(override, expected):
+    with pytest.raises(KiminaError, match=expected):
+        load_config("tiny", [override], env={})
+
+
+def test_top_k_zero_is_off_as_in_vllm():
+    assert load_config("tiny", ["rollout.top_k=0", "rollout.val.top_k=-1"], env={}).rollout.top_k == 0
+
+
+def _numeric_keys(cls, prefix=""):
+    for name, tp in typing.get_type_hints(cls).items():
+        args = {tp, *typing.get_args(tp), *(a for arg in typing.get_args(tp) for a in typing.get_args(arg))}
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, f"{prefix}{name}.")
+        elif {int, float} & args:
+            yield f"{prefix}{name}"
+
+
+def test_every_numeric_key_has_a_range():
+    assert {*_numeric_keys(TrainConfig), *_numeric_keys(EvalRunConfig, "eval.")} == set(RANGES)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe):
+    load_config(recipe, env=LEAN_ENV)
+
+
+def _train_error(capsys, argv):
+    from kimina_jax.train import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_end_in_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LEAN_SERVER_API_URL", raising=False)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"optim:\n  lr: 1\n\x89PNG\x00\xff\xfe")
+    assert f"{binary}:3: the config is not UTF-8 text" in _train_error(capsys, ["--config", str(binary)])
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"optim: {lr: 1}\n\x00\x01")
+    assert f"{nul}: not valid YAML: unacceptable character" in _train_error(capsys, ["--config", str(nul)])
+    err = _train_error(capsys, ["rollout.n=[1,"])
+    assert "override 'rollout.n=[1,': the value is not valid YAML: line 1, column 4: expected the node content" in err
+    assert "'model.tiny.hidden_size' must be > 0" in _train_error(capsys, ["model.tiny.hidden_size=-64"])
+
+
+def test_non_utf8_data_file_ends_in_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LEAN_SERVER_API_URL", raising=False)
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"uuid": "a", "problem": "p", "formal_statement": "theorem x : True := by"}\n{"uuid": "\xe9"}\n')
+    err = _train_error(capsys, ["--run-dir", str(tmp_path / "run"), f"data.train.files=[{data}]"])
+    assert f"{data}:2: the dataset file is not UTF-8 text (byte 0xe9 at offset " in err
+
+
+def test_flags_and_overrides_in_any_order():
+    cfg = parse_cli(["rollout.n=3", "--run-dir", "r", "data.train_batch_size=8", "--config", "tiny", "optim.lr=1e-5"])
+    assert (cfg.rollout.n, cfg.data.train_batch_size, cfg.optim.lr, cfg.trainer.run_dir) == (3, 8, 1e-5, "r")
+    from kimina_jax.evaluate import parse_args
+
+    config, overrides = parse_args(["eval.n=4", "--config", "tiny", "eval.seed=2", "--model", "m"])
+    assert (config, overrides) == ("tiny", ['eval.model="m"', "eval.n=4", "eval.seed=2"])
+
+
+def test_model_config_json_sizes_must_be_positive_and_finite():
+    from kimina_jax.models import Qwen3Config
+
+    raw = {"model_type": "qwen3", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 0, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "rms_norm_eps": float("nan")}
+    with pytest.raises(KiminaError, match=r"^config: intermediate_size = 0, rms_norm_eps = nan: must be positive"):
+        Qwen3Config.from_dict(raw)
 
 
 def test_standin_never_allowed_in_real_recipe():

@@ -1,6 +1,8 @@
 """Metrics: the statistics against direct numpy on token arrays; event files read back with TensorBoard."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -152,3 +154,20 @@ def test_console_line():
     line = console_line(7, {"critic/score/mean": 0.25, "response_length/mean": 512.0, "actor/grad_norm": 0.0123,
                             "perf/time_per_step": 12.5, "unrelated": 1.0})
     assert line == "step 7 | score 0.25 | resp_len 512 | grad_norm 0.0123 | step_s 12.5"
+
+
+def test_a_resumed_run_replaces_the_points_of_the_steps_it_runs_again(tmp_path):
+    first = MetricsWriter(tmp_path, console=False)
+    for step in range(1, 6):  # killed after logging step 5; its newest checkpoint is step 3
+        first.log_step(step, {"critic/score/mean": float(step)})
+    first.close()
+    time.sleep(1.1)  # event file names hold the second they were opened in
+    resumed = MetricsWriter(tmp_path, console=False)
+    resumed.restart_at(4)
+    for step in (4, 5, 6):
+        resumed.log_step(step, {"critic/score/mean": 10.0 + step})
+    resumed.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    points = [(e.step, e.value) for e in events.Scalars("critic/score/mean")]
+    assert points == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from kimina_jax.config import DatasetConfig
+from kimina_jax.config import DatasetConfig, read_text
 from kimina_jax.errors import KiminaError
 
 BUNDLED_PREFIX = "bundled:"
@@ -169,7 +169,7 @@ def _local_records(path: Path) -> Iterator[tuple[dict, str]]:
         return
     if path.suffix not in (".jsonl", ".json"):
         raise KiminaError(f"dataset file '{path}': unsupported format (use .jsonl, .json or .parquet)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset file")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -12,6 +12,7 @@ import numpy as np
 from kimina_jax.errors import KiminaError
 from kimina_jax.eval.metrics import Outcome
 from kimina_jax.types import Completion, Prompt, Sample, Verdict
+from kimina_jax.urls import redact_url
 
 log = logging.getLogger("kimina_jax.eval")
 
@@ -30,7 +31,7 @@ def sample_record(sample: Sample) -> dict:
         "finish_reason": sample.completion.finish_reason,
         "proof": sample.proof_code,
         "verdict": None if verdict is None else verdict.status,
-        "verdict_error": None if verdict is None else verdict.error,
+        "verdict_error": None if verdict is None else redact_url(verdict.error),  # a server may echo its URL
         "lean_messages": [] if verdict is None else list(verdict.messages),
         "line_offset": 0 if verdict is None else verdict.line_offset,
         "verify_time_s": 0.0 if verdict is None else verdict.time_s,

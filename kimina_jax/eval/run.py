@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kimina_jax.checkpoint import MODEL_FILES, load_config_dict, load_model_for_export
+from kimina_jax.checkpoint import MODEL_FILES, load_config_dict, load_model_for_export, step_folder, writable_folder
 from kimina_jax.config import ENV_URL, EvalConfig, uses_lean
 from kimina_jax.data import PromptRenderer, load_prompt_dataset, load_tokenizer
 from kimina_jax.data.datasets import column_names
@@ -27,6 +27,7 @@ from kimina_jax.reward import RewardFunction, reward_from_config
 from kimina_jax.rollout import RolloutEngine, SamplingParams
 from kimina_jax.rollout.factory import make_engine
 from kimina_jax.types import Prompt
+from kimina_jax.urls import redact_url
 
 log = logging.getLogger("kimina_jax.eval")
 
@@ -53,13 +54,9 @@ class ModelSource:
         path = Path(given)
         if (path / "config.json").is_file():
             return cls(path, "hf", path, {})
-        if (path / "checkpoints").is_dir():  # a run folder: its newest checkpoint
-            steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
-            if not steps:
-                raise KiminaError(f"--model {given}: the run folder has no checkpoint yet")
-            path = path / "checkpoints" / str(max(steps))
-        if (path / "params").is_dir():
-            return cls(path, "checkpoint", path.absolute().parent.parent / MODEL_FILES, load_config_dict(path))
+        step = step_folder(path, "--model")  # a run folder: its newest checkpoint
+        if step is not None:
+            return cls(step, "checkpoint", step.absolute().parent.parent / MODEL_FILES, load_config_dict(step))
         raise KiminaError(
             f"--model {given}: neither an HF folder (config.json) nor a training run / checkpoint folder (params/)"
         )
@@ -162,7 +159,8 @@ class Evaluation:
         rewarder = reward_from_config(self.cfg.reward, self.cfg.verifier)
         if uses_lean(self.cfg) and not rewarder.verifier.health():
             rewarder.close()
-            raise KiminaError(f"the Lean server at {self.cfg.verifier.url} does not answer /health: is it running?")
+            url = redact_url(self.cfg.verifier.url)
+            raise KiminaError(f"the Lean server at {url} does not answer /health: is it running?")
         return rewarder
 
     def close(self) -> None:
@@ -252,8 +250,7 @@ def run_evaluation(cfg: EvalConfig, source: ModelSource) -> dict:
     tokenizer = load_tokenizer(str(source.files_dir))
     prompts, renderer, data_source = load_problems(cfg, tokenizer)
 
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(run.out, "--out")
     given = run.dataset.files[0]
     dataset = str(Path(given).absolute()) if Path(given).exists() else given
     val = cfg.rollout.val

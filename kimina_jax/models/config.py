@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ class Qwen3Config:
     extra: tuple[tuple[str, str], ...] = ()  # (key, JSON text): hashable, so the config can be static under jit
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings")
+        bad = [f"{name} = {getattr(self, name)}" for name in sizes if not 0 < getattr(self, name) < math.inf]
+        if bad:
+            raise KiminaError(f"config: {', '.join(bad)}: must be positive and finite")
         if self.num_attention_heads % self.num_key_value_heads:
             raise KiminaError(
                 f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -41,9 +41,19 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise KiminaError(f"{self.path}: not a readable safetensors file ({err})") from err
+        if not isinstance(header, dict):
+            raise KiminaError(f"{self.path}: not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self._entries = header
         self._data_start = 8 + header_len
+        try:
+            end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        except (TypeError, KeyError, IndexError, ValueError) as err:
+            raise KiminaError(f"{self.path}: not a safetensors file (a tensor entry has no data_offsets)") from err
+        size = self.path.stat().st_size
+        if size < self._data_start + end:
+            raise KiminaError(f"{self.path}: truncated ({size} bytes; its header describes {self._data_start + end}): "
+                              "copy or download it again")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     @property

@@ -6,9 +6,12 @@ How a server reply becomes a `Verdict` (SPEC 6):
   `timeout`: the server's Lean timeout (`Lean REPL command timed out in N seconds`). These four are acc 0.
 - `server_error`: the server kept answering this snippet with an error about its own machinery (`No available
   REPLs`, REPL died, header import timed out, ...) after all retries; `unverified`: no usable answer after all
-  retries (connection refused, HTTP 429/5xx/499/504, transport timeout). Neither judges the proof: the trainer
-  leaves them out of the loss and of accuracy (`Verdict.is_verified` is False).
+  retries (connection refused, HTTP 429/5xx/499/504, transport timeout). A snippet is retried at least `retries`
+  times and then for as long as `retry_budget_s` since its first failure allows, so a server restart costs
+  latency, not samples. Neither judges the proof: the trainer leaves them out of the loss and of accuracy
+  (`Verdict.is_verified` is False).
 HTTP 401 (bad or missing key), 422 (bad request) and other client errors are not retried: they raise KiminaError.
+`check_ready()` is the start-up check: /health and one authenticated request, failing fast with a clear error.
 Only Lean's own judgements (`valid`, `sorry`, `lean_error`) are cached: a timeout under load, a REPL error or an
 unanswered snippet is checked again when the same code comes back.
 
@@ -39,7 +42,7 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.reward.base import Verifier
 from kimina_jax.reward.lean_text import split_header
 from kimina_jax.types import Verdict
-from kimina_jax.urls import server_url
+from kimina_jax.urls import server_address
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class _Job:
     code: str
     futures: list[concurrent.futures.Future[Verdict]]
     attempts: int = 0
+    failed_at: float | None = None  # the event loop's time of the first failure: the retry budget counts from it
 
 
 def _resolve(future: concurrent.futures.Future[Verdict], verdict: Verdict) -> None:
@@ -93,10 +97,12 @@ class LeanClient(Verifier):
 
     url: server address, e.g. `http://localhost` (`LEAN_SERVER_API_URL`); api_key: sent as `Authorization:
     Bearer` when set, never logged. timeout_s: Lean's time per snippet. batch_size snippets per request, at most
-    max_in_flight requests at once, `retries` retries per snippet with exponential backoff (backoff_s doubling,
-    capped at backoff_max_s, jitter x0.5..1.5). http_timeout_s: transport timeout of one request; the default
-    outlasts the server's own safety timeout (timeout_s x snippets + 10 s) so the server gives up first.
-    cache_size: Lean's judgements kept by exact code (0 disables). message_lines: what the server's message line
+    max_in_flight requests at once. A failed snippet is retried at least `retries` times, then until
+    `retry_budget_s` has passed since its first failure (0 here: `retries` alone; the recipe's
+    verifier.retry_budget_s is 120 s), waiting backoff_s doubling each time, capped at backoff_max_s, times a jitter
+    of 0.5..1 (so that requests failed together come back spread out). http_timeout_s: transport timeout of one
+    request; the default outlasts the server's own safety timeout (timeout_s x snippets + 10 s) so the server
+    gives up first. cache_size: Lean's judgements kept by exact code (0 disables). message_lines: what the server's message line
     numbers count from: "body" (the code after its import header: server 2.0.0 and kimina-ast-server 2.1.3),
     "code" (the whole snippet: later upstream builds that shift them back), or "auto": probe the server lazily,
     just before the first request, so constructing the client never needs the server. A probe that gets no usable
@@ -114,8 +120,9 @@ class LeanClient(Verifier):
         batch_size: int = 8,
         max_in_flight: int = 40,
         retries: int = 3,
+        retry_budget_s: float = 0.0,
         backoff_s: float = 1.0,
-        backoff_max_s: float = 30.0,
+        backoff_max_s: float = 10.0,
         http_timeout_s: float | None = None,
         cache_size: int = 100_000,
         message_lines: Literal["auto", "body", "code"] = "auto",
@@ -124,15 +131,17 @@ class LeanClient(Verifier):
         for name, value in (("timeout_s", timeout_s), ("batch_size", batch_size), ("max_in_flight", max_in_flight)):
             if value < 1:
                 raise KiminaError(f"LeanClient {name}: must be >= 1, got {value}")
-        if retries < 0 or cache_size < 0:
-            raise KiminaError(f"LeanClient retries / cache_size: must be >= 0, got {retries} / {cache_size}")
+        if min(retries, cache_size, retry_budget_s) < 0:
+            raise KiminaError(f"LeanClient retries / cache_size / retry_budget_s: must be >= 0, got {retries} / "
+                              f"{cache_size} / {retry_budget_s}")
         if message_lines not in ("auto", "body", "code"):
             raise KiminaError(f"LeanClient message_lines: expected 'auto', 'body' or 'code', got {message_lines!r}")
-        self.url = server_url(url, "LeanClient url")
+        self.url, self._auth = server_address(url, "LeanClient url")  # credentials stay out of every message
         self.timeout_s = int(timeout_s)
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
         self.retries = retries
+        self.retry_budget_s = retry_budget_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.http_timeout_s = http_timeout_s or float(timeout_s * batch_size + 30)
@@ -173,6 +182,7 @@ class LeanClient(Verifier):
         self._probe_lock = asyncio.Lock()
         self._http = httpx.AsyncClient(
             base_url=self.url,
+            auth=self._auth,
             headers=self._headers,
             timeout=httpx.Timeout(self.http_timeout_s, connect=min(10.0, self.http_timeout_s)),
             limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight),
@@ -201,6 +211,25 @@ class LeanClient(Verifier):
             return asyncio.run_coroutine_threadsafe(probe(), self._loop).result()
         except (httpx.HTTPError, ValueError):
             return False
+
+    def check_ready(self) -> None:
+        """The start-up check: KiminaError naming the URL (never the key) unless the server answers `/health`
+        and then checks one snippet with the key (/health asks for none, so only that request tells a wrong key
+        apart). Not retried: a run should fail at once, before any compute, not after the retry budget."""
+        async def ready() -> None:
+            try:
+                health = await self._http.get("/health", timeout=10.0)
+                if health.status_code != 200:
+                    raise KiminaError(f"the Lean server {self.url}/health answered HTTP {health.status_code}: "
+                                      f"{health.text[:200]}")
+                unsure = await self._probe(always=True)
+            except httpx.TransportError as exc:
+                raise KiminaError(f"the Lean server {self.url} is unreachable ({type(exc).__name__}: {exc}); "
+                                  "is it running, and is LEAN_SERVER_API_URL right?") from None
+            if unsure:
+                raise KiminaError(f"the Lean server {self.url} did not check a test snippet: {unsure}")
+
+        asyncio.run_coroutine_threadsafe(ready(), self._loop).result()
 
     def close(self) -> None:
         if self._closed:
@@ -289,21 +318,25 @@ class LeanClient(Verifier):
         else:
             self._fail(jobs, self._client_error(response))
 
-    async def _probe(self) -> str | None:
-        """Settle message_lines "auto" with PROBE_CODE; the reason when the server's answer could not tell."""
+    async def _probe(self, always: bool = False) -> str | None:
+        """Settle message_lines "auto" with PROBE_CODE (`always`: send it even when settled, as a test that the
+        server checks code); the reason when the server's answer could not tell."""
         async with self._probe_lock:
-            if self.message_lines != "auto":  # settled by another request while this one waited
+            if self.message_lines != "auto" and not always:  # settled by another request while this one waited
                 return None
             self.requests += 1
             response = await self._http.post("/api/check", json=self._payload([PROBE_CODE]))
             if response.status_code in RETRYABLE_HTTP_STATUSES:
-                return f"HTTP {response.status_code} from {self.url}/api/check to the line-number probe"
+                return (f"HTTP {response.status_code} from {self.url}/api/check to the line-number probe: "
+                        f"{response.text[:200]}")
             if response.status_code != 200:
                 raise self._client_error(response)
             result = (self._results_by_id(response) or {}).get("0", {})
             verdict = verdict_from_result(result, 0)
             if verdict is None or verdict.status in ("timeout", "repl_error"):
                 return f"no usable answer to the line-number probe from {self.url}: {result!r:.200}"
+            if self.message_lines != "auto":
+                return None
             lines = [(m.get("pos") or {}).get("line") for m in verdict.messages if m.get("severity") == "error"]
             picked = {line: name for name, line in PROBE_ERROR_LINE.items()}.get(lines[0] if lines else None)
             if picked is None:
@@ -336,20 +369,21 @@ class LeanClient(Verifier):
         return split_header(code)[2] if self.message_lines == "body" else 0
 
     def _retry(self, jobs: list[_Job], reason: str, final_status: Literal["unverified", "server_error"]) -> None:
-        again = []
+        now, again = self._loop.time(), []
         for job in jobs:
             job.attempts += 1
-            if job.attempts > self.retries:
+            job.failed_at = now if job.failed_at is None else job.failed_at
+            if job.attempts > self.retries and now - job.failed_at >= self.retry_budget_s:
                 self._finish(job, Verdict(final_status, error=reason, line_offset=self._line_offset(job.code)))
             else:
                 again.append(job)
         if not again:
-            logger.warning("Lean server: %s; %d snippet(s) left %s after %d retries",
-                           reason, len(jobs), final_status, self.retries)
+            logger.warning("Lean server: %s; %d snippet(s) left %s after %d+ retries and %.0f s",
+                           reason, len(jobs), final_status, self.retries, self.retry_budget_s)
             return
         self.retried += len(again)
         logger.info("Lean server: %s; retrying %d snippet(s)", reason, len(again))
-        jitter = random.uniform(0.5, 1.5)  # one draw per failure, so a failed request's snippets stay together
+        jitter = random.uniform(0.5, 1.0)  # one draw per failure, so a failed request's snippets stay together
         for attempts in sorted({job.attempts for job in again}):
             delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)) * jitter
             self._loop.call_later(delay, self._requeue, [job for job in again if job.attempts == attempts])

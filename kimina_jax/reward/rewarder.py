@@ -47,7 +47,8 @@ class Rewarder(RewardFunction):
             verifier = LeanClient(
                 verifier_cfg.url, verifier_cfg.api_key, timeout_s=verifier_cfg.timeout_s,
                 batch_size=verifier_cfg.batch_size, max_in_flight=verifier_cfg.max_in_flight,
-                retries=verifier_cfg.retries, message_lines=verifier_cfg.message_lines,
+                retries=verifier_cfg.retries, retry_budget_s=verifier_cfg.retry_budget_s,
+                backoff_max_s=verifier_cfg.backoff_max_s, message_lines=verifier_cfg.message_lines,
             )
         return cls(verifier, format_cfg)
 

@@ -43,7 +43,7 @@ from kimina_jax.parallel import broadcast_object
 from kimina_jax.rollout.base import SamplingParams
 from kimina_jax.rollout.vllm_adapter import SAFETENSORS_LOADER, VllmAdapter, dtype_name
 from kimina_jax.types import Completion
-from kimina_jax.urls import server_url
+from kimina_jax.urls import server_address
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ LAUNCH_HINT = "start it with launch/vllm_server.sh (VLLM_SERVER_DEV_MODE=1, --lo
 class ServerState:
     """One server of the pool: whether it is still used, and its load."""
 
-    url: str
+    url: str  # without credentials: shown in messages
+    auth: httpx.BasicAuth | None = None  # from credentials in the given address
     alive: bool = True
     max_seqs: int = 0  # sequences it takes at once: its batch size (max_num_seqs)
     seqs_in_flight: int = 0
@@ -93,7 +94,7 @@ class VllmServerEngine(VllmAdapter):
                 f"(got {retries}, {timeout_s}, {max_seqs_in_flight})"
             )
         super().__init__(config, tokenizer=tokenizer, eos_token_ids=eos_token_ids)
-        self.servers = [ServerState(server_url(url, "rollout.servers.urls")) for url in urls]
+        self.servers = [ServerState(*server_address(url, "rollout.servers.urls")) for url in urls]
         self.weights_dir = Path(os.path.abspath(weights_dir))
         self.timeout_s = timeout_s
         self.retries = retries
@@ -302,7 +303,7 @@ class _Session:
             if not server.alive:
                 raise _ServerGone
             try:
-                response = await self.http.request(method, server.url + path, **kwargs)
+                response = await self.http.request(method, server.url + path, auth=server.auth, **kwargs)
                 trouble = self._trouble(server, path, response, hint)
                 if trouble is None:
                     reply = response.json()

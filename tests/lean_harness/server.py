@@ -131,10 +131,11 @@ class FaultProxy:
 
     Shows the client the whole-request failures of the upstream 2.0.0 build (429 no free REPL, 500 REPL died,
     503, 504) that kimina-ast-server 2.1.3 answers per snippet instead. Counts the requests it receives.
+    `path`: only requests to it get the faults (e.g. "/api/check": /health still answers); None: every request.
     """
 
-    def __init__(self, upstream: str, faults: list[int] | None = None) -> None:
-        self.upstream, self.faults, self.requests = upstream, list(faults or []), 0
+    def __init__(self, upstream: str, faults: list[int] | None = None, path: str | None = None) -> None:
+        self.upstream, self.faults, self.path, self.requests = upstream, list(faults or []), path, 0
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -144,7 +145,7 @@ class FaultProxy:
             def _relay(self, method: str) -> None:
                 proxy.requests += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.faults:
+                if proxy.faults and proxy.path in (None, self.path):
                     status, data = proxy.faults.pop(0), json.dumps({"detail": "injected by FaultProxy"}).encode()
                 else:
                     headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
