@@ -108,7 +108,7 @@ class UnverifiedSteps:
         self.last_error = ""
 
     def update(self, samples: Sequence[Sample]) -> None:
-        unjudged = [s.verdict for s in samples if s.verdict is not None and not s.verdict.is_verified]
+        unjudged = [s.verdict for s in samples if not s.is_verified]
         if len(unjudged) < len(samples) or not samples:
             self.count = 0
             return

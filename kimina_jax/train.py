@@ -260,7 +260,7 @@ class Trainer:
             more, timings = self._start_rollouts(self.step, gen_batch=groups.gen_batches).finish()
             groups.add(more)
             generated = generated + more
-            if all(s.verdict is not None and not s.verdict.is_verified for s in more):
+            if not any(s.is_verified for s in more):
                 log.warning("step %d: the verifier judged none of a generation batch; no more batches", self.step)
                 break
             for name, seconds in timings.items():
@@ -273,7 +273,7 @@ class Trainer:
     def _advantages(self, samples: list[Sample]) -> tuple[list[int], np.ndarray]:
         """The verified samples' indices and their advantages by `algorithm.adv_estimator` (unverified ones are left
         out)."""
-        verified = [i for i, s in enumerate(samples) if s.verdict is None or s.verdict.is_verified]
+        verified = [i for i, s in enumerate(samples) if s.is_verified]
         scores = np.array([samples[i].score for i in verified], np.float32)
         group_ids = np.array([i // self.cfg.rollout.n for i in verified], np.int32)
         algorithm = self.cfg.algorithm

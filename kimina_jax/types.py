@@ -76,3 +76,9 @@ class Sample:
     proof_code: str | None = None
     feedback: str = ""
     extras: Mapping[str, float] = dataclasses.field(default_factory=dict)  # a user reward's values besides score
+
+    @property
+    def is_verified(self) -> bool:
+        """Whether its reward judges the response: no proof sent, or a verdict that judges the proof. Samples that
+        are not are left out of the loss and of accuracy, never scored as wrong."""
+        return self.verdict is None or self.verdict.is_verified

@@ -55,7 +55,7 @@ def build_fix_prompts(
 def _fix_one(
     sample: Sample, renderer: PromptRenderer, max_feedback_chars: int, max_turns: int
 ) -> tuple[str, Prompt | None]:
-    if sample.verdict is not None and not sample.verdict.is_verified:
+    if not sample.is_verified:
         return "unverified", None
     if sample.verdict is not None and sample.verdict.is_valid:
         return "valid", None

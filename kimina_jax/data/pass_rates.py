@@ -34,7 +34,7 @@ class PassRateMemory:
         for start in range(0, len(samples), n):
             group = samples[start : start + n]
             if group[0].prompt.turn == 1:
-                verified = [s for s in group if s.verdict is None or s.verdict.is_verified]
+                verified = [s for s in group if s.is_verified]
                 self.record(group[0].prompt.statement_id, sum(s.acc >= 1.0 for s in verified), len(verified),
                             len(group))
 

@@ -82,7 +82,7 @@ class Outcome:
 
     @classmethod
     def of(cls, sample: Sample) -> Outcome:
-        return cls(sample.verdict is None or sample.verdict.is_verified, sample.acc >= 1.0)
+        return cls(sample.is_verified, sample.acc >= 1.0)
 
     @classmethod
     def of_record(cls, record: dict) -> Outcome:

@@ -37,7 +37,7 @@ class GroupFilter:
     def add(self, samples: Sequence[Sample]) -> None:
         self.gen_batches += 1
         groups = len(samples) // self.n
-        judged = np.array([s.verdict is None or s.verdict.is_verified for s in samples], bool)
+        judged = np.array([s.is_verified for s in samples], bool)
         group_ids = (np.arange(len(samples)) // self.n)[judged]
         values = np.array([getattr(s, self.metric) for s in samples], np.float64)[judged]
         informative = np.zeros(groups, bool)
