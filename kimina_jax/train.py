@@ -260,11 +260,11 @@ class Trainer:
             more, timings = self._start_rollouts(self.step, gen_batch=groups.gen_batches).finish()
             groups.add(more)
             generated = generated + more
+            for name, seconds in timings.items():
+                metrics[name] = metrics.get(name, 0.0) + seconds
             if not any(s.is_verified for s in more):
                 log.warning("step %d: the verifier judged none of a generation batch; no more batches", self.step)
                 break
-            for name, seconds in timings.items():
-                metrics[name] = metrics.get(name, 0.0) + seconds
         if not groups.full:
             log.warning("step %d: %d of %d groups were informative after max_gen_batches (%d) generation batches; "
                         "training on those", self.step, groups.kept, groups.groups_wanted, groups.gen_batches)
