@@ -316,6 +316,7 @@ class TrainerConfig:
     # auto: continue from the run folder's newest checkpoint (refused if it was made for another model or tokenizer);
     # never: start a new run there, the earlier run's records moved to <run_dir>/previous/<UTC time>/
     resume: Literal["auto", "never"] = "auto"
+    stop_grace_s: float = 30.0  # after SIGTERM/SIGINT, verification still unanswered this long is left unverified
     peak_tflops_per_device: float | None = None  # dense bf16 peak (H100/H200: 989); set it to log perf/mfu
 
 
@@ -689,6 +690,7 @@ RANGES: dict[str, str] = {
     "trainer.save_freq": "> 0",
     "trainer.test_freq": "> 0",
     "trainer.keep_checkpoints": "> 0",
+    "trainer.stop_grace_s": ">= 0",
     "trainer.peak_tflops_per_device": "> 0; null: no perf/mfu",
     "logging.num_text_samples": ">= 0",
     "eval.dataset.limit": "> 0; null: all rows",

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from kimina_jax.errors import KiminaError
+from kimina_jax.errors import KiminaError, VerifierError
 from kimina_jax.parallel import allgather_objects, broadcast_object
 from kimina_jax.reward import LeanClient, PendingSample, RewardFunction
 from kimina_jax.rollout import RolloutEngine, SamplingParams
@@ -64,14 +64,23 @@ class MainProcessRewarder:
         return self.rewarder is not None
 
     def check_ready(self) -> None:
-        """Process 0's start-up check of its Lean server (`LeanClient.check_ready`; nothing for other verifiers);
-        the reward is closed when it fails."""
+        """Process 0's start-up check of its Lean server (`LeanClient.check_ready`; nothing for other verifiers),
+        its failure raised on every process (none is left waiting for the others); the reward is closed then."""
+        failure = None
         if isinstance(self.verifier, LeanClient):
             try:
                 self.verifier.check_ready()
-            except KiminaError:
-                self.close()
-                raise
+            except KiminaError as err:
+                failure = str(err)
+        failure = broadcast_object(failure)
+        if failure is not None:
+            self.close()
+            raise KiminaError(failure)
+
+    def abandon(self, reason: str) -> None:
+        """Process 0 stops waiting for its verifier (`RewardFunction.abandon`)."""
+        if self.rewarder is not None:
+            self.rewarder.abandon(reason)
 
     def stats(self) -> dict[str, float]:
         """Process 0's `RewardFunction.stats()`; empty elsewhere."""
@@ -87,9 +96,14 @@ class MainProcessRewarder:
             return self.rewarder.collect(pending, progress)
         scored = None
         if self.rewarder is not None:
-            samples = self.rewarder.collect(pending, progress)
-            scored = [{name: getattr(s, name) for name in _SCORED_FIELDS} for s in samples]
+            try:
+                samples = self.rewarder.collect(pending, progress)
+                scored = [{name: getattr(s, name) for name in _SCORED_FIELDS} for s in samples]
+            except VerifierError as err:  # every process must learn of it, not wait for the broadcast forever
+                scored = str(err)
         scored = broadcast_object(scored)  # the others hold the prompts and completions already
+        if isinstance(scored, str):
+            raise VerifierError(scored)
         return [Sample(prompt=p.prompt, completion=p.completion, **fields) for p, fields in zip(pending, scored)]
 
     def close(self) -> None:

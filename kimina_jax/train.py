@@ -3,7 +3,10 @@
 Each step: draw prompts (error-fix prompts mixed in) -> rollout -> verify (started group by group) -> score ->
 advantages -> old log-probs -> one update per mini-batch -> weight sync -> metrics -> error-fix cache.
 Validation every `trainer.test_freq` steps, a checkpoint every `trainer.save_freq`, automatic resume from the
-run folder, and on SIGTERM/SIGINT the step in progress finishes and a checkpoint is written before exiting.
+run folder. On SIGTERM/SIGINT the step in progress finishes (verification still unanswered `trainer.stop_grace_s`
+after the signal is left unverified) and a checkpoint is written before exiting, as when the verifier refuses
+to work mid-run (`VerifierError`: the step in progress is dropped, the one before it saved). An update that
+leaves non-finite parameters stops the run with the newest checkpoint as the last good one.
 
 Several processes (hosts): run the same command on each. JAX's runtime is joined from the environment (SLURM,
 Open MPI, a Cloud TPU pod) or from --coordinator-address HOST:PORT --num-processes N --process-id I (or the
@@ -22,7 +25,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from collections import defaultdict
 
 import jax
@@ -34,7 +39,7 @@ from kimina_jax import metrics as stats
 from kimina_jax.checkpoint import Checkpointer, claim_run_dir, writable_folder, write_model_files
 from kimina_jax.config import TINY, TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
-from kimina_jax.errors import KiminaError
+from kimina_jax.errors import KiminaError, VerifierError
 from kimina_jax.eval import dump_samples, validate
 from kimina_jax.grpo import (
     PackItem,
@@ -68,10 +73,12 @@ log = logging.getLogger("kimina_jax.train")
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once."""
+    """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once. `grace_s` after the first signal, `on_grace_over`
+    runs (in a thread): waiting for a hung verifier must not outlast a preemption's grace period."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float, on_grace_over: Callable[[str], None]):
         self.requested = False
+        self.grace_s, self.on_grace_over = grace_s, on_grace_over
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -80,8 +87,15 @@ class StopRequested:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
-        log.warning("%s received: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step (verification waited for at most %g s more), then writing a "
+                    "checkpoint", name, self.grace_s)
+        timer = threading.Timer(self.grace_s, self.on_grace_over, [f"abandoned {self.grace_s:g} s after {name}"])
+        timer.daemon = True
+        timer.start()
 
 
 class Trainer:
@@ -139,7 +153,7 @@ class Trainer:
         )
         self.step = 0
         self._text_samples: list[Sample] = []
-        self.stop = StopRequested()
+        self.stop = StopRequested(cfg.trainer.stop_grace_s, self.rewarder.abandon)
         # Off-policy: the next step's rollouts, generating while this step trains.
         self._next_rollouts: StepRollouts | None = None
 
@@ -171,10 +185,21 @@ class Trainer:
         while self.step < self.steps_total and not stopping:
             self.step += 1
             start = time.perf_counter()  # verl's step time: everything up to logging, validation and saving too
-            metrics = self.train_step()
+            before = self.data.state_dict()  # what a checkpoint of the previous step holds
+            try:
+                metrics = self.train_step()
+            except VerifierError:  # the step is lost; the run is saved as the previous step left it
+                self.step -= 1
+                self._save_and_close(before)
+                raise
             stopping = any_process(self.stop.requested) or self.unverified.exceeded
-            if self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total:
-                metrics.update(self._validate(log_now=False))
+            # A stopping run saves at once (a grace period is running out): no validation.
+            if not stopping and (self.step % self.cfg.trainer.test_freq == 0 or self.step == self.steps_total):
+                try:
+                    metrics.update(self._validate(log_now=False))
+                except VerifierError:
+                    self._save_and_close()
+                    raise
             if self.step % self.cfg.trainer.save_freq == 0 or self.step == self.steps_total or stopping:
                 with timed(metrics, "save_checkpoint"):
                     self._save()
@@ -208,6 +233,7 @@ class Trainer:
                 batches = [(dataclasses.replace(b, ref_logp=self.reference.logprobs(b)), idx) for b, idx in batches]
         with timed(metrics, "update_actor"):
             self.state, actor = self.step_fn.update_epochs(self.state, [b for b, _ in batches], self.step - 1)
+        self._check_finite()
         self._sync_weights(metrics)
         metrics.update(self._error_fix_feedback(generated))
         metrics.update(actor)
@@ -280,6 +306,20 @@ class Trainer:
         return verified, np.asarray(
             compute_advantages(algorithm.adv_estimator, scores, group_ids, algorithm.norm_adv_by_std)
         )
+
+    def _check_finite(self) -> None:
+        """Stop the run, saving nothing, when the update left a non-finite parameter: the newest checkpoint stays
+        the last good one."""
+        if bool(_all_finite(self.state.params)):
+            return
+        self.checkpointer.wait()
+        kept = self.checkpointer.latest_step()
+        self.close()
+        raise KiminaError(
+            f"step {self.step}: the update left non-finite parameters (actor/grad_norm was finite, so the step was not "
+            f"skipped); stopped without saving them. The last good checkpoint: "
+            f"{'none' if kept is None else self.checkpointer.directory / str(kept)}. Lower optim.lr or optim.grad_clip, "
+            "or use model.param_dtype=float32")
 
     def _sync_weights(self, metrics: dict[str, float]) -> None:
         if self._next_rollouts is not None:
@@ -425,11 +465,12 @@ class Trainer:
         return metrics
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _save(self) -> None:
+    def _save(self, data_state: dict | None = None) -> None:
+        """A checkpoint of `self.step`; `data_state`: the data iterator's state to store (default: now)."""
         loop_state = {
             "step": self.step,
             # The position before prompts drawn ahead (a resumed run draws them again), the fix cache, the pass rates.
-            "data": self.data.state_dict(),
+            "data": self.data.state_dict() if data_state is None else data_state,
             "optimizer_updates": int(self.state.step),
             "skipped_updates": int(self.state.skipped_updates),
         }
@@ -437,6 +478,15 @@ class Trainer:
             self.step, params=self.state.params, opt_state=self.state.opt_state, rng_key=self.state.rng,
             loop_state=loop_state, config=config_to_dict(self.cfg),
         )
+
+    def _save_and_close(self, data_state: dict | None = None) -> None:
+        """Before a fatal verifier error ends the run: a checkpoint of `self.step`, unless there is one already
+        (or nothing was trained)."""
+        if self.step > (self.checkpointer.latest_step() or 0):
+            self._save(data_state)
+            log.warning("checkpoint of step %d written before stopping", self.step)
+        self.checkpointer.wait()
+        self.close()
 
     def _resume(self) -> None:
         latest = self.checkpointer.latest_step()
@@ -462,6 +512,11 @@ class Trainer:
         self.engine.close()
         self.rewarder.close()
         self.checkpointer.close()
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
 
 
 @contextlib.contextmanager

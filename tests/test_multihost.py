@@ -28,12 +28,14 @@ OVERRIDES = ("algorithm.entropy_coeff=0.01", "trainer.save_freq=2", "data.val.li
 STANDIN_WARNING = "Using the LOCAL STAND-IN verifier"
 
 
-def _train(run_dir: Path, devices: int, *args: str) -> subprocess.Popen:
+def _train(run_dir: Path, devices: int, *args: str, lean_url: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": str(REPO)}
     for name in ("LEAN_SERVER_API_URL", "LEAN_SERVER_API_KEY", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                  "JAX_PROCESS_ID"):
         env.pop(name, None)
+    if lean_url:
+        env["LEAN_SERVER_API_URL"] = lean_url
     return subprocess.Popen([sys.executable, "-m", "kimina_jax.train", "--run-dir", str(run_dir), *OVERRIDES, *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -69,6 +71,21 @@ def runs(tmp_path_factory):
     launch = ("--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2")
     outputs = _finish(*(_train(two, 4, "trainer.total_steps=2", *launch, "--process-id", str(i)) for i in (0, 1)))
     return one, two, outputs
+
+
+def test_a_failed_start_check_stops_every_process(tmp_path):
+    # Only process 0 talks to the Lean server: the others must learn of its failure, not wait at a barrier.
+    down = f"http://127.0.0.1:{free_port()}"
+    launch = ("--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2")
+    procs = [_train(tmp_path, 4, *launch, "--process-id", str(i), lean_url=down) for i in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [2, 2], outputs
+    for out in outputs:
+        assert f"error: the Lean server {down} is unreachable" in out
 
 
 def test_launch_flags_become_jax_variables():

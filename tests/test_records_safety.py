@@ -1,7 +1,9 @@
-"""What a run stores and shows: no credentials from URLs, and a failed rerun never rewrites the run's records."""
+"""What a run stores and shows: no credentials from URLs, a failed rerun never rewrites the run's records, and a
+non-finite update never replaces the last good checkpoint."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
 import os
 import subprocess
@@ -9,9 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from kimina_jax import train
+from kimina_jax.checkpoint import load_params, saved_steps
 from kimina_jax.config import TinyModelConfig, config_to_dict, load_config, save_resolved
+from kimina_jax.errors import KiminaError
 from kimina_jax.reward.lean_client import LeanClient
 from kimina_jax.urls import redact_url, server_address
 
@@ -143,3 +151,24 @@ def test_truncated_safetensors_and_out_files_are_one_clear_error(tmp_path, capsy
     assert f"error: {weights}: truncated" in capsys.readouterr().err
     assert evaluate_main([*evaluate, str(tmp_path / "results")]) == 2
     assert f"error: {weights}: truncated" in capsys.readouterr().err
+
+
+def test_a_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config("tiny", ["trainer.total_steps=4", "trainer.save_freq=1", "trainer.val_before_train=false",
+                               "trainer.test_freq=100", "logging.progress_bars=false"], run_dir=tmp_path, env={})
+    trainer = train.Trainer(cfg)  # the local stand-in verifier
+    update = trainer.step_fn.update_epochs
+
+    def overflowing_update(state, batches, step):  # a finite gradient whose update overflows a weight at step 2
+        state, metrics = update(state, batches, step)
+        if trainer.step == 2:
+            first, *rest = jax.tree.leaves(state.params)
+            poisoned = jax.tree.unflatten(jax.tree.structure(state.params), [first * jnp.inf, *rest])
+            state = dataclasses.replace(state, params=poisoned)
+        return state, metrics
+
+    monkeypatch.setattr(trainer.step_fn, "update_epochs", overflowing_update)
+    with pytest.raises(KiminaError, match=r"step 2: the update left non-finite parameters.*checkpoints/1\b"):
+        trainer.fit()
+    assert saved_steps(tmp_path) == [1]
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(load_params(tmp_path / "checkpoints/1")))

@@ -29,6 +29,10 @@ class Verifier(abc.ABC):
         """Metrics of the verifier's work so far, by their logged names (`reward/...`); none by default."""
         return {}
 
+    def abandon(self, reason: str) -> None:
+        """Stop waiting for answers: what is unanswered, and what comes later, is `unverified` with `reason`
+        (a run stopping on SIGTERM). Nothing by default: a local verifier answers quickly."""
+
     def close(self) -> None:
         """Release what the verifier holds."""
 
@@ -93,6 +97,11 @@ class RewardFunction(abc.ABC):
     def stats(self) -> dict[str, float]:
         """Metrics of the work so far, by their logged names (`reward/...`); none by default."""
         return {}
+
+    def abandon(self, reason: str) -> None:
+        """Stop waiting for the verifier (`Verifier.abandon`); a reward function's own work is waited for."""
+        if self.verifier is not None:
+            self.verifier.abandon(reason)
 
     def close(self) -> None:
         """Release what the reward function holds."""

@@ -10,8 +10,9 @@ How a server reply becomes a `Verdict` (SPEC 6):
   times and then for as long as `retry_budget_s` since its first failure allows, so a server restart costs
   latency, not samples. Neither judges the proof: the trainer leaves them out of the loss and of accuracy
   (`Verdict.is_verified` is False).
-HTTP 401 (bad or missing key), 422 (bad request) and other client errors are not retried: they raise KiminaError.
-`check_ready()` is the start-up check: /health and one authenticated request, failing fast with a clear error.
+HTTP 401 (bad or missing key), 422 (bad request) and other client errors are not retried: they raise
+VerifierError. `check_ready()` is the start-up check: /health and one authenticated request, failing fast with a
+clear error. `abandon()` stops waiting (a run stopping on SIGTERM): whatever is unanswered becomes `unverified`.
 Only Lean's own judgements (`valid`, `sorry`, `lean_error`) are cached: a timeout under load, a REPL error or an
 unanswered snippet is checked again when the same code comes back.
 
@@ -38,7 +39,7 @@ from typing import Literal
 
 import httpx
 
-from kimina_jax.errors import KiminaError
+from kimina_jax.errors import KiminaError, VerifierError
 from kimina_jax.reward.base import Verifier
 from kimina_jax.reward.lean_text import split_header
 from kimina_jax.types import Verdict
@@ -101,13 +102,14 @@ class LeanClient(Verifier):
     `retry_budget_s` has passed since its first failure (0 here: `retries` alone; the recipe's
     verifier.retry_budget_s is 120 s), waiting backoff_s doubling each time, capped at backoff_max_s, times a jitter
     of 0.5..1 (so that requests failed together come back spread out). http_timeout_s: transport timeout of one
-    request; the default outlasts the server's own safety timeout (timeout_s x snippets + 10 s) so the server
-    gives up first. cache_size: Lean's judgements kept by exact code (0 disables). message_lines: what the server's message line
+    request; by default 2 x timeout_s + 30 s: the server checks a request's snippets in parallel, each at most
+    timeout_s for its import header and timeout_s for its body, so longer means a hung or overloaded server (the
+    request is retried). cache_size: Lean's judgements kept by exact code (0 disables). message_lines: what the server's message line
     numbers count from: "body" (the code after its import header: server 2.0.0 and kimina-ast-server 2.1.3),
     "code" (the whole snippet: later upstream builds that shift them back), or "auto": probe the server lazily,
     just before the first request, so constructing the client never needs the server. A probe that gets no usable
     answer (server down, busy, timed out) is tried again with the next request, and that request's snippets are
-    retried as if it had failed; an answer that fits neither convention, or HTTP 401/422, raises KiminaError from
+    retried as if it had failed; an answer that fits neither convention, or HTTP 401/422, raises VerifierError from
     the verdicts' futures.
     """
 
@@ -144,7 +146,7 @@ class LeanClient(Verifier):
         self.retry_budget_s = retry_budget_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
-        self.http_timeout_s = http_timeout_s or float(timeout_s * batch_size + 30)
+        self.http_timeout_s = http_timeout_s or float(2 * timeout_s + 30)
         self.cache_size = cache_size
         self.message_lines = message_lines
         self.batch_linger_s = batch_linger_s
@@ -160,6 +162,7 @@ class LeanClient(Verifier):
         self._in_flight: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._abandoned: str | None = None  # why verification was abandoned; from then on nothing is sent
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lean-client", daemon=True)
         self._thread.start()
@@ -231,6 +234,12 @@ class LeanClient(Verifier):
 
         asyncio.run_coroutine_threadsafe(ready(), self._loop).result()
 
+    def abandon(self, reason: str) -> None:
+        """Stop checking: every snippet waiting for an answer, and every one submitted from now on, comes back
+        `unverified` with `reason` at once; requests in flight are cancelled."""
+        if not self._closed:
+            asyncio.run_coroutine_threadsafe(self._abandon(reason), self._loop).result()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -244,7 +253,9 @@ class LeanClient(Verifier):
 
     def _enqueue(self, codes: list[str], futures: list[concurrent.futures.Future[Verdict]]) -> None:
         for code, future in zip(codes, futures, strict=True):
-            if code in self._cache:
+            if self._abandoned is not None:
+                _resolve(future, Verdict("unverified", error=self._abandoned, line_offset=self._line_offset(code)))
+            elif code in self._cache:
                 self._cache.move_to_end(code)
                 self.cache_hits += 1
                 _resolve(future, self._cache[code])
@@ -264,6 +275,10 @@ class LeanClient(Verifier):
                 await asyncio.sleep(self.batch_linger_s)  # let snippets submitted one by one share a request
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            batch = [job for job in batch if self._in_flight.get(job.code) is job]  # none abandoned meanwhile
+            if not batch:
+                self._slots.release()
+                continue
             task = asyncio.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -340,7 +355,7 @@ class LeanClient(Verifier):
             lines = [(m.get("pos") or {}).get("line") for m in verdict.messages if m.get("severity") == "error"]
             picked = {line: name for name, line in PROBE_ERROR_LINE.items()}.get(lines[0] if lines else None)
             if picked is None:
-                raise KiminaError(
+                raise VerifierError(
                     f"verifier.message_lines 'auto': the Lean server {self.url} reported error lines {lines} for a "
                     f"probe whose error is on line {PROBE_ERROR_LINE['body']} of its body, "
                     f"{PROBE_ERROR_LINE['code']} of the whole snippet; set verifier.message_lines to 'body' or 'code'")
@@ -357,13 +372,13 @@ class LeanClient(Verifier):
         except (ValueError, KeyError, TypeError):
             return None
 
-    def _client_error(self, response: httpx.Response) -> KiminaError:
+    def _client_error(self, response: httpx.Response) -> VerifierError:
         detail = response.text[:300]
         if response.status_code == 401:
             hint = ("set LEAN_SERVER_API_KEY to the server's key" if self._headers
                     else "the server wants an API key: set LEAN_SERVER_API_KEY")
-            return KiminaError(f"Lean server {self.url} refused the request (HTTP 401: {detail}); {hint}")
-        return KiminaError(f"Lean server {self.url}/api/check answered HTTP {response.status_code}: {detail}")
+            return VerifierError(f"Lean server {self.url} refused the request (HTTP 401: {detail}); {hint}")
+        return VerifierError(f"Lean server {self.url}/api/check answered HTTP {response.status_code}: {detail}")
 
     def _line_offset(self, code: str) -> int:
         return split_header(code)[2] if self.message_lines == "body" else 0
@@ -390,7 +405,8 @@ class LeanClient(Verifier):
 
     def _requeue(self, jobs: list[_Job]) -> None:
         for job in jobs:
-            self._queue.put_nowait(job)
+            if job.code in self._in_flight:  # else abandoned while it waited
+                self._queue.put_nowait(job)
 
     def _finish(self, job: _Job, verdict: Verdict) -> None:
         self._in_flight.pop(job.code, None)
@@ -409,11 +425,22 @@ class LeanClient(Verifier):
                 if not future.done():
                     future.set_exception(error)
 
+    async def _abandon(self, reason: str) -> None:
+        self._abandoned = reason
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        jobs = list(self._in_flight.values())
+        for job in jobs:
+            self._finish(job, Verdict("unverified", error=reason, line_offset=self._line_offset(job.code)))
+        if jobs:
+            logger.warning("Lean server %s: %d snippet(s) left unverified: %s", self.url, len(jobs), reason)
+
     async def _shutdown(self) -> None:
         self._dispatcher.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(self._dispatcher, *self._tasks, return_exceptions=True)
-        for job in list(self._in_flight.values()):
-            self._finish(job, Verdict("unverified", error="the Lean client was closed before an answer came"))
+        await self._abandon("the Lean client was closed before an answer came")
+        await asyncio.gather(self._dispatcher, return_exceptions=True)
         await self._http.aclose()
