@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from kimina_jax import metrics as stats
-from kimina_jax.checkpoint import Checkpointer, claim_run_dir, writable_folder, write_model_files
+from kimina_jax.checkpoint import Checkpointer, claim_run_dir, saved_steps, writable_folder, write_model_files
 from kimina_jax.config import TINY, TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError, VerifierError
@@ -546,7 +546,7 @@ def main(argv=None) -> int:
 def closing_line(cfg: TrainConfig) -> str:
     """What a run just did and where to go next (the tiny default says what it was for)."""
     run = cfg.run_dir
-    steps = sorted(int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit())
+    steps = saved_steps(run)
     checkpoint = run / "checkpoints" / str(steps[-1]) if steps else run / "checkpoints" / "<step>"
     seen = (f"the {cfg.experiment.name} recipe ran every stage of GRPO on a tiny random model (its scores mean "
             "nothing); to watch the loop learn: --config configs/learn_demo.yaml; a real run: "

@@ -13,6 +13,8 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Sequence
 
 import jax
@@ -287,7 +289,7 @@ def grpo_loss(
     `tis_weight` (a token sum) with rollout log-probs.
     """
     mask = jnp.asarray(mask, jnp.float32)
-    token_sum = lambda values: jnp.sum(jnp.where(mask > 0, values, 0.0) * mask)  # noqa: E731
+    token_sum = functools.partial(weighted_token_sum, mask=mask, weights=1.0)  # the metrics' plain token sums
     token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
     sums = {"loss_tokens": jnp.sum(mask)}
     if rollout_logp is not None:
