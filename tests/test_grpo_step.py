@@ -24,6 +24,7 @@ from kimina_jax.grpo import (
     pack_samples,
 )
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer
+from kimina_jax.grpo.packing import micro_batch_count
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.parallel import make_mesh, path_to_str
 
@@ -343,20 +344,24 @@ def test_compile_count_depends_only_on_shape_buckets():
     model = make_model()
     step = TrainStep(model, algorithm(), OPTIM, mesh=make_mesh(2, 2, 1, devices=jax.devices()[:4]))
     state = step.init_state(model)
-    rows = []
-    # Response lengths and row counts vary; the row length bucket stays 16 and 3 or 4 micro-batches of 4
-    # rows share the padded micro-batch count 4.
-    for seed, count in enumerate((9, 11, 13, 16)):
+    shapes = []
+    # Response lengths and counts vary; packed batches come in micro-batch counts the step runs unpadded.
+    for seed, count in enumerate((9, 11, 13, 16, 10)):
         items = random_items(10 + seed, count=count, response_lengths=(9, 12))
         batch = packed_minibatch(step, state.params, items, seed=seed)
-        assert batch.row_length == 16
-        rows.append(batch.num_rows)
+        micro = batch.num_rows // step.rows_multiple
+        assert micro_batch_count(micro) == micro
+        shapes.append((micro, batch.row_length))
         state, _ = step.update(state, batch, seed)
-    assert rows == [12, 12, 16, 16]
-    assert step.compilations == {"update": 1, "logprobs": 1}
-    long_items = random_items(20, count=4, response_lengths=(20, 24))
-    state, _ = step.update(state, packed_minibatch(step, state.params, long_items), 4)
+    assert shapes == [(3, 16), (3, 16), (2, 32), (2, 32), (3, 16)]
     assert step.compilations == {"update": 2, "logprobs": 2}
+    # Other row counts are padded to such a count: 17 micro-batches of 4 rows run in the compiled shape of 18.
+    for micro in (17, 18):
+        items = random_items(20 + micro, count=4 * micro, response_lengths=(9, 12))
+        batch = packed_minibatch(step, state.params, items, rows_multiple=4 * micro)
+        assert batch.tokens.shape == (4 * micro, 16)
+        state, _ = step.update(state, batch, 5)
+    assert step.compilations == {"update": 3, "logprobs": 3}
 
 
 def test_rejects_batches_it_cannot_use():

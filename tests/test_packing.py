@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from kimina_jax.errors import KiminaError
-from kimina_jax.grpo import AGG_MODES, PackItem, aggregate_loss, pack_samples, ppo_token_loss, row_length_buckets
+from kimina_jax.grpo import (AGG_MODES, PackItem, aggregate_loss, pack_samples, packing, ppo_token_loss,
+                              row_length_buckets)
 from kimina_jax.grpo.math import grpo_advantages
 from kimina_jax.models.attention import MAX_SEGMENTS_PER_ROW
 from tests.test_grpo_math import ref_aggregate
@@ -78,25 +79,87 @@ def test_row_invariants_and_padding_fraction():
     assert batch.padding_fraction == pytest.approx(1 - total / batch.tokens.size)
 
 
-def test_bucket_selection_and_first_fit_decreasing():
-    def item(length):
-        return PackItem([1], [2] * (length - 1), 0.0)
+def item(length):
+    return PackItem([1], [2] * (length - 1), 0.0)
 
-    batch = pack_samples([item(5), item(4), item(3), item(3), item(1)], (8, 16), loss_agg_mode="token-mean")
-    # Longest first into the first row with room: [5, 3] and [4, 3, 1]; row length = smallest fitting bucket.
-    assert batch.tokens.shape == (2, 8)
+
+def test_shape_selection_and_spreading():
+    items = [item(5), item(4), item(3), item(3), item(1)]
+    # The fewest slots, ties to fewer rows: one row of 16 rather than two of 8.
+    batch = pack_samples(items, (8, 16), loss_agg_mode="token-mean")
+    assert batch.tokens.shape == (1, 16) and batch.item_start.tolist() == [0, 5, 9, 12, 15]
+    # Two rows (rows_multiple) of 8: longest first into the first row with room, [5, 3] and [4, 3, 1].
+    batch = pack_samples(items, (8, 16), loss_agg_mode="token-mean", rows_multiple=2)
+    assert batch.tokens.shape == (2, 8) and batch.padding_fraction == 0.0
     assert batch.item_row.tolist() == [0, 1, 0, 1, 1]
     assert batch.item_start.tolist() == [0, 0, 5, 4, 7]
-    assert batch.padding_fraction == 0.0
     assert pack_samples([item(9)], (8, 16), loss_agg_mode="token-mean").row_length == 16
     assert pack_samples([item(16)], (16, 8), loss_agg_mode="token-mean").row_length == 16
     with pytest.raises(KiminaError, match=r"item 1 has 17 tokens.*largest row length bucket 16"):
         pack_samples([item(3), item(17)], (8, 16), loss_agg_mode="token-mean")
-    assert row_length_buckets(32768, 1024) == (1024, 2048, 4096, 8192, 16384, 32768)
-    assert row_length_buckets(10000, 2048) == (2048, 4096, 8192, 10000)
     # A row holds at most MAX_SEGMENTS_PER_ROW sequences (cuDNN's packed attention), even with room left.
     many = pack_samples([item(2)] * 100, (1024,), loss_agg_mode="token-mean")
-    assert many.num_rows == 4 and many.segment_ids.max(axis=1).tolist() == [MAX_SEGMENTS_PER_ROW] * 3 + [4]
+    assert many.num_rows == 4 and many.segment_ids.max(axis=1).tolist() == [25] * 4
+    assert MAX_SEGMENTS_PER_ROW < 50
+
+
+def test_buckets_and_micro_batch_counts():
+    assert row_length_buckets(4096, 1024) == tuple(range(1024, 4097, 128))  # multiples of the flash block
+    assert row_length_buckets(32768, 16384) == tuple(range(16384, 32769, 1024))  # 16 per octave
+    assert row_length_buckets(10000, 8192) == (8192, 8704, 9216, 9728, 10000)
+    assert row_length_buckets(64, 64) == (64,)
+    assert [packing.micro_batch_count(n) for n in range(1, 20)] == [*range(1, 17), 18, 18, 20]
+    assert [packing.micro_batch_count(n) for n in (33, 37, 63, 65)] == [36, 40, 64, 72]
+
+
+def rl_lengths(rng, prompts=32, n=8, max_prompt=1024, max_response=3072):
+    """Prompt + response lengths of one mini-batch as RL makes them: a prompt length per group, long-tailed
+    response lengths, some cut at the maximum."""
+    lengths = []
+    for _ in range(prompts):
+        prompt = int(np.clip(rng.lognormal(np.log(max_prompt / 16), 0.5), 16, max_prompt))
+        responses = np.clip(rng.lognormal(np.log(max_response / 4), 0.8, n), 16, max_response)
+        lengths += [prompt + int(r) for r in responses]
+    return lengths
+
+
+def test_little_padding_on_a_device_mesh():
+    """Eight data-parallel devices, the 1.7B recipe's mini-batch (32 prompts x 8) and length ratio: rows neither
+    rounded up to a multiple of 8 nor micro-batch counts to a power of two (issue 17: 5-7% padded tokens)."""
+    rng = np.random.default_rng(0)
+    buckets = row_length_buckets(4096)
+    batches = [pack_samples([item(length) for length in rl_lengths(rng)], buckets, loss_agg_mode="token-mean",
+                            rows_multiple=8) for _ in range(8)]
+    padding = [batch.padding_fraction for batch in batches]
+    assert np.mean(padding) <= 0.03 and max(padding) <= 0.05, padding
+    for batch in batches:  # and none transferred empty
+        assert batch.num_rows % 8 == 0 and packing.micro_batch_count(batch.num_rows // 8) == batch.num_rows // 8
+
+
+def test_devices_get_balanced_rows():
+    """Each device's rows (one row slot of every micro-batch) hold about the same number of tokens, and the rows
+    of one micro-batch (run side by side) too."""
+    batch = pack_samples([item(length) for length in rl_lengths(np.random.default_rng(1))], row_length_buckets(4096),
+                         loss_agg_mode="token-mean", rows_multiple=8)
+    loads = (batch.segment_ids > 0).sum(axis=1).reshape(-1, 8)  # [micro-batch, device]
+    per_device = loads.sum(axis=0)
+    assert per_device.max() - per_device.min() <= 0.02 * per_device.mean(), per_device
+    assert np.all(loads.max(axis=1) - loads.min(axis=1) <= 0.1 * batch.row_length), loads
+
+
+def test_shapes_stay_few():
+    """A run's mini-batches (a fixed number of prompts, some responses left out as unverified) take few
+    (micro-batches, row length) shapes, each a compilation of the train step, all from the two small sets."""
+    rng = np.random.default_rng(2)
+    buckets = row_length_buckets(4096)
+    shapes = set()
+    for _ in range(24):
+        lengths = rl_lengths(rng)[: 256 - int(rng.integers(0, 17))]
+        batch = pack_samples([item(length) for length in lengths], buckets, loss_agg_mode="token-mean",
+                             rows_multiple=8)
+        shapes.add((batch.num_rows // 8, batch.row_length))
+    assert len(shapes) <= 12, sorted(shapes)  # power-of-two rounding took 2, padding several times more
+    assert all(packing.micro_batch_count(micro) == micro and length in buckets for micro, length in shapes)
 
 
 def test_packing_is_deterministic_and_takes_plain_tuples():

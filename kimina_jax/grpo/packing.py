@@ -14,10 +14,16 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
   with the same mode). Call `pack_samples` once per mini-batch: its normalisers are the totals of the items
   it is given.
 
-Rows have one of a few configured lengths (buckets), so the train step compiles a bounded number of times:
-a batch's row length is the smallest bucket that holds its longest item, items go into rows by
-first-fit-decreasing (at most `MAX_SEGMENTS_PER_ROW` sequences per row), and the row count is padded to a
-multiple of `rows_multiple` (a micro-batch's rows).
+Shapes: the train step cuts the rows into micro-batches of `rows_multiple` rows (one share per data-parallel
+device) and compiles once per (micro-batch count, row length), so both come from small sets: row lengths
+from the configured buckets (`row_length_buckets`: 16 per octave), micro-batch counts from
+`micro_batch_count` (at most four significant bits). Of those shapes a batch takes the one with the fewest
+token slots (ties: fewer micro-batches, i.e. fewer weight gathers) into which first-fit-decreasing fits its
+items, so that the row count needs no rounding up. Items are then spread over exactly that many rows by
+first-fit-decreasing into the smallest row capacity that still fits them (at most `MAX_SEGMENTS_PER_ROW`
+sequences per row). Rows are ordered by load and dealt to the micro-batches' row slots back and forth, so each
+device's rows hold about the same number of tokens (as verl's sequence-length balancing): the cuDNN kernel's
+attention work follows the real tokens, and devices wait for the busiest.
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ import numpy as np
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.math import sequence_token_weights
-from kimina_jax.models.attention import MAX_SEGMENTS_PER_ROW
+from kimina_jax.models.attention import FLASH_BLOCK, MAX_SEGMENTS_PER_ROW
+
+# Row lengths per octave of `row_length_buckets`: rows overshoot what a batch needs by about 1/16 at most.
+BUCKETS_PER_OCTAVE = 16
 
 
 class PackItem(NamedTuple):
@@ -99,15 +108,24 @@ class PackedBatch:
 
 
 def row_length_buckets(max_length: int, min_length: int = 256) -> tuple[int, ...]:
-    """Powers of two from `min_length` below `max_length`, then `max_length` itself."""
+    """From `min_length` below `max_length`, `BUCKETS_PER_OCTAVE` evenly spaced lengths per octave (multiples of
+    the flash kernels' `FLASH_BLOCK`, so fewer in the short octaves), then `max_length` itself."""
     if max_length < 1 or min_length < 1:
         raise KiminaError(f"row length buckets need positive lengths, got max {max_length}, min {min_length}")
     buckets = []
-    length = min_length
-    while length < max_length:
-        buckets.append(length)
-        length *= 2
+    octave = min_length
+    while octave < max_length:
+        step = max(FLASH_BLOCK, octave // BUCKETS_PER_OCTAVE)
+        buckets += [length for length in range(octave, 2 * octave, step) if length < max_length]
+        octave *= 2
     return (*buckets, max_length)
+
+
+def micro_batch_count(needed: int) -> int:
+    """The smallest micro-batch count >= `needed` with at most four significant bits (1-16, 18, 20, ..., 32, 36,
+    ...): eight per octave, so compilations stay few while rounding up wastes less than a power of two's."""
+    shift = max(0, needed.bit_length() - 4)
+    return max(1, -(-needed >> shift) << shift)
 
 
 def pack_samples(
@@ -119,7 +137,8 @@ def pack_samples(
     rows_multiple: int = 1,
     pad_id: int = 0,
 ) -> PackedBatch:
-    """Pack one mini-batch of items into rows of one bucket length (see the module docstring).
+    """Pack one mini-batch of items into rows of one bucket length, `rows_multiple` x `micro_batch_count(...)`
+    of them (see the module docstring).
 
     `max_response_len` is the L of `seq-mean-token-sum-norm`. Deterministic: the same items give the same
     batch. Raises KiminaError for an item longer than the largest bucket, an empty prompt, log-prob arrays
@@ -132,9 +151,8 @@ def pack_samples(
         raise KiminaError(f"rows_multiple must be >= 1, got {rows_multiple}")
     _check_items(items)
     lengths = [len(item.prompt_ids) + len(item.response_ids) for item in items]
-    row_length = _pick_bucket(row_buckets, lengths)
-    rows = _first_fit_decreasing(lengths, row_length)
-    num_rows = -(-len(rows) // rows_multiple) * rows_multiple
+    row_length, num_rows = _pick_shape(row_buckets, lengths, rows_multiple)
+    rows = _deal(_spread(lengths, row_length, num_rows), lengths, rows_multiple)
 
     shape = (num_rows, row_length)
     tokens = np.full(shape, pad_id, np.int32)
@@ -226,18 +244,73 @@ def _pick_bucket(row_buckets: Sequence[int], lengths: list[int]) -> int:
     return fitting[0]
 
 
-def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Item indices per row: longest first (ties by index), each into the first row with room for its tokens and
-    one more segment (the cuDNN attention kernel takes at most `MAX_SEGMENTS_PER_ROW` per row)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for row, room in enumerate(free):
-            if room >= lengths[index] and len(rows[row]) < MAX_SEGMENTS_PER_ROW:
-                rows[row].append(index)
-                free[row] -= lengths[index]
+def _pick_shape(row_buckets: Sequence[int], lengths: list[int], rows_multiple: int) -> tuple[int, int]:
+    """(row length, rows): the fewest token slots (ties: fewer rows) into which first-fit-decreasing fits the
+    items, rows being `rows_multiple` x a `micro_batch_count`."""
+    shortest = _pick_bucket(row_buckets, lengths)
+    buckets = sorted(bucket for bucket in set(row_buckets) if bucket >= shortest)
+    total = sum(lengths)
+    needed = max(-(-total // (rows_multiple * buckets[-1])), -(-len(lengths) // (rows_multiple * MAX_SEGMENTS_PER_ROW)))
+    micro = micro_batch_count(needed)
+    best = None  # (slots, row length, rows)
+    # More rows cost at least `shortest` each, so once those alone reach the best, nothing better follows; at one
+    # row per item everything fits, so the loop ends.
+    while best is None or rows_multiple * micro * shortest < best[0]:
+        rows = rows_multiple * micro
+        for length in buckets:
+            if length * rows < total:
+                continue
+            if best is not None and length * rows >= best[0]:
                 break
+            if _first_fit_decreasing(lengths, length, max_rows=rows) is not None:
+                best = (length * rows, length, rows)
+                break
+        micro = micro_batch_count(micro + 1)
+    return best[1], best[2]
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int, max_rows: int | None = None) -> list[list[int]] | None:
+    """Item indices per row: longest first (ties by index), each into the first row with room for its tokens and
+    one more segment (the cuDNN attention kernel takes at most `MAX_SEGMENTS_PER_ROW` per row). None where that
+    takes more than `max_rows` rows."""
+    limit = len(lengths) if max_rows is None else min(max_rows, len(lengths))
+    # One row past the limit, always empty, so that every item finds a first row; taking it means too many rows.
+    free = np.full(limit + 1, capacity)
+    segments = np.zeros(limit + 1, np.int64)
+    rows: list[list[int]] = [[] for _ in range(limit + 1)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = int(np.argmax((free >= lengths[index]) & (segments < MAX_SEGMENTS_PER_ROW)))
+        if row == limit:
+            return None
+        rows[row].append(index)
+        free[row] -= lengths[index]
+        segments[row] += 1
+    return [members for members in rows if members]
+
+
+def _spread(lengths: list[int], capacity: int, num_rows: int) -> list[list[int]]:
+    """Item indices over exactly `num_rows` rows, the fullest as empty as first-fit-decreasing gets it: a binary
+    search over the row capacity (MULTIFIT), so that the rows, and with them the devices, carry similar loads."""
+    rows = _first_fit_decreasing(lengths, capacity, max_rows=num_rows)  # fits: `_pick_shape` checked it
+    low, high = max(max(lengths), -(-sum(lengths) // num_rows)), capacity
+    while low < high:
+        middle = (low + high) // 2
+        found = _first_fit_decreasing(lengths, middle, max_rows=num_rows)
+        if found is None:
+            low = middle + 1
         else:
-            rows.append([index])
-            free.append(capacity - lengths[index])
-    return rows
+            high, rows = middle, found
+    return rows + [[] for _ in range(num_rows - len(rows))]
+
+
+def _deal(rows: list[list[int]], lengths: list[int], rows_multiple: int) -> list[list[int]]:
+    """The rows by load, heaviest first, dealt to the `rows_multiple` row slots of each micro-batch in turn
+    forwards and backwards: each micro-batch's rows (one device's share each) carry similar loads, and every
+    slot about the same total."""
+    loads = [sum(lengths[index] for index in members) for members in rows]
+    order = sorted(range(len(rows)), key=lambda row: (-loads[row], row))
+    dealt = []
+    for micro, start in enumerate(range(0, len(order), rows_multiple)):
+        chunk = order[start : start + rows_multiple]
+        dealt += chunk[::-1] if micro % 2 else chunk
+    return [rows[row] for row in dealt]

@@ -6,9 +6,10 @@ its loss is sum(loss_weights * token loss) over all its rows. The rows are cut i
 adds up the micro-batches' gradients, so the update does not depend on how the rows are cut.
 
 Compilations: a jitted call compiles once per (micro-batches, row length). The row length comes from the
-packing buckets; the micro-batch count is rounded up to a power of two by padding with empty micro-batches
-that the loop never runs, so varying row counts reuse a few compiled shapes. `TrainStep.compilations`
-counts them.
+packing buckets; the micro-batch count is rounded up to a `packing.micro_batch_count` (eight per octave) by
+padding with empty micro-batches that the loop never runs, so varying row counts reuse a few compiled shapes.
+`pack_samples` already picks such counts, so batches it packs carry no empty micro-batches to the devices.
+`TrainStep.compilations` counts the compilations.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.logprobs import token_logprobs
 from kimina_jax.grpo.math import grpo_loss
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
-from kimina_jax.grpo.packing import PackedBatch
+from kimina_jax.grpo.packing import PackedBatch, micro_batch_count
 from kimina_jax.models import Qwen3ForCausalLM
 from kimina_jax.parallel import logical_sharding, make_mesh, num_shards, param_shardings
 
@@ -300,14 +301,14 @@ class TrainStep:
     def _device_micro_batches(
         self, batch: PackedBatch, names: tuple[str, ...]
     ) -> tuple[dict[str, jax.Array], jax.Array]:
-        """The named arrays as [micro-batches (padded to a power of two), rows_multiple, length] on the mesh,
-        and the number of real micro-batches."""
+        """The named arrays as [micro-batches (padded to a `micro_batch_count`), rows_multiple, length] on the
+        mesh, and the number of real micro-batches."""
         rows, length = batch.tokens.shape
         if rows % self.rows_multiple:
             raise KiminaError(f"packed batch has {rows} rows, not a multiple of {self.rows_multiple} (micro-batch "
                               "rows x data-parallel devices): pack with rows_multiple=TrainStep.rows_multiple")
         num_micro = rows // self.rows_multiple
-        padded_micro = 1 << (num_micro - 1).bit_length()
+        padded_micro = micro_batch_count(num_micro)
         shape = (padded_micro, self.rows_multiple, length)
         arrays = {}
         for name in names:
