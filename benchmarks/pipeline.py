@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,7 +77,9 @@ def run_mode(args, url: str, overrides: list[str]) -> dict[str, float]:
         try:
             for _ in range(1 + args.steps):
                 trainer.step += 1
-                steps.append(trainer.train_step())
+                started = time.perf_counter()
+                metrics = trainer.train_step()
+                steps.append({**metrics, "timing_s/step": time.perf_counter() - started})  # `fit` times the step
         finally:
             trainer.close()
     measured = steps[1:]
