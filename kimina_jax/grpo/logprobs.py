@@ -1,7 +1,8 @@
 """Per-token log-probs and entropies without ever holding [tokens, vocab] logits for a whole row.
 
 The lm_head and log-softmax run over chunks of `chunk_size` tokens inside a scan whose body is
-rematerialised, so forward and backward peak at one [chunk_size, vocab] float32 block.
+rematerialised, so forward and backward peak at one [chunk_size, vocab] float32 block. A micro-batch that fits
+in one chunk is computed directly: a [chunk_size, vocab] block is the peak either way.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ def chunked_logprobs(
     def unchunked(x):  # [chunks, B, chunk] -> [B, T]
         return jnp.moveaxis(x, 0, 1).reshape(batch, padded)[:, :length]
 
-    @jax.checkpoint
     def one_chunk(args):
         h, t = args
         logits = jnp.dot(h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
@@ -44,7 +44,11 @@ def chunked_logprobs(
             return logp, jnp.zeros_like(logp)
         return logp, entropy_from_logits(logits, lse)
 
-    logp, entropy = jax.lax.map(one_chunk, (chunked(hidden), chunked(targets.astype(jnp.int32))))
+    targets = targets.astype(jnp.int32)
+    if padded == chunk:  # one chunk: recomputing it for the backward pass would save no memory, only time
+        logp, entropy = one_chunk((hidden, targets))
+        return logp, entropy if with_entropy else None
+    logp, entropy = jax.lax.map(jax.checkpoint(one_chunk), (chunked(hidden), chunked(targets)))
     return unchunked(logp), unchunked(entropy) if with_entropy else None
 
 
