@@ -142,7 +142,8 @@ class Trainer:
             write_model_files(self.run_dir, self.model.config.to_dict(), self.tokenizer)
         barrier("model_files")  # the other processes' engines start from them
         multi = jax.process_count() > 1
-        engine_model = nnx.merge(self.step_fn.graphdef, self._engine_weights()) if multi else self.model
+        # From the arrays the updates produce, on their devices: later weight pushes then recompile nothing.
+        engine_model = nnx.merge(self.step_fn.graphdef, self._engine_weights())
         self.engine = make_engine(cfg.rollout, engine_model, self.tokenizer, model_dir=self.run_dir / "model_files")
         # Validation spreads its prompts over the processes; training rollouts do so through the data shares.
         self.val_engine = ProcessShardedEngine(self.engine) if multi else self.engine

@@ -12,7 +12,8 @@ from unittest import mock
 
 from kimina_jax.models import load_hf_checkpoint
 from kimina_jax.models.attention import (
-    MAX_SEGMENTS_PER_ROW, packed_segment_layout, resolve_attention_impl, segment_attention,
+    MAX_SEGMENTS_PER_ROW, XLA_BLOCK, _block_ranges, attention_mask, blockwise_attention, packed_segment_layout,
+    resolve_attention_impl, segment_attention, xla_attention,
 )
 from kimina_jax.parallel import make_mesh
 
@@ -74,7 +75,7 @@ def test_kernel_matches_reference_with_gradients(name):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=5e-5)
 
 
-@pytest.mark.parametrize("impl", ["splash", "triton"])
+@pytest.mark.parametrize("impl", ["xla", "splash", "triton"])
 def test_kernel_runs_per_shard_under_a_mesh(impl):
     q, k, v, segments = _inputs(1)
     mesh = make_mesh(2, 2, 2)
@@ -86,6 +87,80 @@ def test_kernel_runs_per_shard_under_a_mesh(impl):
     assert out.sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor")  # rows and heads split
     real = np.asarray(segments > 0)
     np.testing.assert_allclose(np.asarray(out)[real], _reference(q, k, v, segments)[real], atol=2e-5)
+
+
+def _packed_rows(rng, rows: int, length: int, kind: str) -> np.ndarray:
+    """Segment ids of packed rows: contiguous segments numbered from 1, then padding (0)."""
+    segments = np.zeros((rows, length), np.int32)
+    for row in range(rows):
+        used = length if kind == "single" else int(rng.integers(length // 2, length + 1))
+        cuts = {"single": 0, "random": 5, "short": used // 6}[kind]
+        starts = np.zeros(used, np.int32)
+        starts[rng.choice(np.arange(1, used), cuts, replace=False)] = 1
+        segments[row, :used] = np.cumsum(starts) + 1
+    return segments
+
+
+def _dense(q, k, v, segments, scale):
+    slots = jnp.arange(q.shape[1], dtype=jnp.int32)
+    return xla_attention(q, k, v, attention_mask(segments, segments, slots[None], slots), scale)
+
+
+@pytest.mark.parametrize("kind, length, block, dtype", [
+    ("random", 300, 64, jnp.float32),  # padding at the end of rows, a length that is no multiple of the block
+    ("single", 256, 64, jnp.float32),
+    ("short", 517, 32, jnp.float32),  # sequences of a few tokens
+    ("random", 384, XLA_BLOCK, jnp.bfloat16),
+])
+def test_blockwise_xla_attention_matches_the_dense_masked_one(kind, length, block, dtype):
+    """Outputs and gradients of the blockwise path equal the dense [T, T] masked path (padding outputs aside),
+    and nothing is non-finite, padding included: zero loss weights there would not hide a NaN."""
+    rng = np.random.default_rng(length)
+    segments = jnp.asarray(_packed_rows(rng, 3, length, kind))
+    q, k, v = (jnp.asarray(rng.normal(size=(3, length, n, D)), dtype) for n in (HEADS, KV_HEADS, KV_HEADS))
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * (segments > 0)[:, :, None, None]
+    attentions = (lambda *a: blockwise_attention(*a, segments, SCALE, block), lambda *a: _dense(*a, segments, SCALE))
+    outs, grads = [], []
+    for attention in attentions:
+        loss = lambda *a: jnp.sum(attention(*a).astype(jnp.float32) * weights)  # noqa: B023
+        outs.append(np.asarray(jax.jit(attention)(q, k, v).astype(jnp.float32)))
+        grads.append([np.asarray(g.astype(jnp.float32)) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)])
+    real = np.asarray(segments > 0)
+    atol = 2e-5 if dtype == jnp.float32 else 3e-2
+    assert np.isfinite(outs[0]).all() and all(np.isfinite(g).all() for g in grads[0])
+    np.testing.assert_allclose(outs[0][real], outs[1][real], atol=atol)
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=atol * 4)
+
+
+def test_block_ranges_cover_exactly_the_blocks_with_visible_keys():
+    """Query block i visits key blocks first[i]..i, key block j is visited by query blocks j..last[j]: for rows
+    of contiguous segments these are exactly the block pairs holding a query and a key it may see."""
+    rng = np.random.default_rng(3)
+    block = 16
+    for kind in ("random", "single", "short"):
+        segments = _packed_rows(rng, 2, 20 * block, kind)
+        first, last = (np.asarray(x) for x in _block_ranges(jnp.asarray(segments), block))
+        slots = np.arange(segments.shape[1])
+        sees = np.asarray(attention_mask(jnp.asarray(segments), jnp.asarray(segments), slots[None], slots))
+        needed = sees.any(axis=0).reshape(20, block, 20, block).any(axis=(1, 3))  # [query block, key block]
+        blocks = np.arange(20)
+        visited = (first[:, None] <= blocks[None, :]) & (blocks[None, :] <= blocks[:, None])
+        queries = needed.any(axis=1)  # blocks of padding alone visit their own block only
+        np.testing.assert_array_equal(visited[queries], needed[queries])
+        np.testing.assert_array_equal(visited[~queries], np.eye(20, dtype=bool)[~queries])
+        np.testing.assert_array_equal(last, [max(np.flatnonzero(visited[:, j])) for j in blocks])
+
+
+def test_xla_attention_of_a_long_packed_row_keeps_no_score_matrix():
+    """The xla path's forward and backward over a 4096-token row plan far less scratch memory than one float32
+    [heads, T, T] score matrix (64 MiB here), which the dense masked path materialises several times over."""
+    t = 4096
+    segments = jnp.asarray(np.repeat(np.arange(1, 33), t // 32)[None], jnp.int32)
+    q, k, v = (jax.ShapeDtypeStruct((1, t, n, D), jnp.float32) for n in (HEADS, KV_HEADS, KV_HEADS))
+    loss = lambda q, k, v: jnp.sum(segment_attention(q, k, v, segments, SCALE, "xla"))  # noqa: E731
+    plan = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis()
+    assert plan.temp_size_in_bytes < HEADS * t * t * 4 / 8
 
 
 @pytest.mark.parametrize("impl", ["splash", "triton"])

@@ -149,7 +149,7 @@ def test_sampling_on_a_mesh_splits_rows_not_weights(tiny_model, mesh_shape):
     assert q_proj.sharding.shard_shape(q_proj.shape) == (q_proj.shape[0], q_proj.shape[1] // tensor)
     _, decode = decodes[0]
     keys = decode.cache.keys[0]  # 12 rows in a 16-row batch, 2 KV heads
-    assert keys.sharding.shard_shape(keys.shape) == (16 // (data * fsdp), keys.shape[1], 2 // tensor, keys.shape[3])
+    assert keys.sharding.shard_shape(keys.shape) == (16 // (data * fsdp), 2 // tensor, keys.shape[2], keys.shape[3])
     assert decode.tokens.sharding.shard_shape(decode.tokens.shape) == (16 // (data * fsdp), 12)
 
 

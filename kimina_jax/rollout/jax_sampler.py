@@ -20,12 +20,18 @@ not, filtered or not and the number of stop ids pick them, while temperature, to
 (changing them does not recompile).
 
 Every row draws from its own key, fold_in(call key, prompt index, sample index, tokens so far), so a seeded call
-gives the same samples however the rows are batched.
+gives the same samples however the rows are batched. A draw takes one uniform number per row and inverts the
+(filtered) distribution's cumulative sum (`_inverse_cdf`), not a vocabulary of Gumbel noise.
+
+The KV cache is head-major ([rows, KV heads, slots, head dim], `models.KVCache`), the layout decode attention
+reads, and the decode loop updates it in place (its batch is donated).
 
 On a mesh (the trainer's parameters split over several devices) sampling is data-parallel: the sampler keeps a
 copy of the weights split over the model-parallel axes only (`parallel.SAMPLING_RULES`; weight matrices in the
 compute dtype, which is what the model casts them to), so a decode step gathers no weights; the model's sharding
-hints split the batch rows (and so the KV cache) like a batch's.
+hints split the batch rows (and so the KV cache) like a batch's. Pushed weights land on the shardings and dtypes
+the sampler already compiled for when they are on the same devices (a push then compiles nothing); a trainer on a
+mesh builds the sampler from its parameters as placed there, so that they are.
 """
 from __future__ import annotations
 
@@ -56,12 +62,13 @@ from kimina_jax.types import Completion
 
 MIN_PROMPT_BUCKET = 16
 FIRST_DECODE_WINDOW = 512
+SAMPLING_BLOCK = 256  # tokens per block of the two-level inverse CDF (`_inverse_cdf`)
 REFILL_FRACTION = 8  # with rows waiting, the loop stops to refill once 1/8 of the batch (at least one row) is free
 
 
 class JaxSampler(RolloutEngine):
     """Samples with the trainer's own NNX model: `update_weights` points at the new arrays on one device, and makes
-    the sampling copy on a mesh (module docstring).
+    the sampling copy on a mesh, placed and typed as the arrays it replaces (module docstring).
 
     `max_len` bounds prompt + response (default: the config's max_position_embeddings). EOS ids default to
     config.json's and the tokenizer's (`find_eos_token_ids`). `max_batch_rows` bounds the rows decoded together
@@ -109,9 +116,15 @@ class JaxSampler(RolloutEngine):
         graphdef, state = nnx.split(model)
         if jax.tree.structure(state) != jax.tree.structure(self._state):
             raise KiminaError("update_weights: the new parameters do not have the structure of the sampler's model")
-        if graphdef != self._graphdef:  # another dtype or attention implementation: compile anew
+        new_state, mesh = _sampling_weights(state, model.dtype)
+        if graphdef == self._graphdef and mesh == self._mesh and _devices(new_state) == _devices(self._state):
+            # Exactly the placement and dtypes the jitted functions were compiled for (the trainer's shardings of a
+            # one-device mesh, say, are not the model's own): pushing weights compiles nothing.
+            new_state = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                                     new_state, self._state)
+        elif graphdef != self._graphdef:  # another dtype or attention implementation: compile anew
             self._graphdef, self._jitted = graphdef, _Jitted(graphdef)
-        (self._state, self._mesh), self._cache_dtype = _sampling_weights(state, model.dtype), model.dtype
+        self._state, self._mesh, self._cache_dtype = new_state, mesh, model.dtype
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts = check_prompts(prompt_token_ids, params, self.max_len, self.config.vocab_size)
@@ -246,17 +259,22 @@ class _Decode(NamedTuple):
 def _sampling_weights(state, dtype) -> tuple[Any, Any]:
     """(the weights to sample with, their mesh or None): on a mesh of several devices a copy placed by
     `SAMPLING_RULES` (split over the model-parallel axes alone), weight matrices cast to the compute `dtype`;
-    elsewhere `state` itself."""
+    elsewhere `state`'s arrays themselves, committed to their devices (as pushed arrays are: the jitted functions
+    then see the same placement before and after a push)."""
     shardings = [leaf.sharding for leaf in jax.tree.leaves(state)]
     mesh = getattr(shardings[0], "mesh", None)
     if mesh is None or mesh.size == 1 or not all(isinstance(s, NamedSharding) for s in shardings):
-        return state, None
+        return jax.tree.map(lambda leaf: jax.device_put(leaf, leaf.sharding), state), None
 
     def copy(leaf, sharding):  # leaf by leaf: one cast copy alive at a time
         matrix = leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
         return jax.device_put(leaf.astype(dtype) if matrix else leaf, sharding)
 
     return jax.tree.map(copy, state, param_shardings(state, mesh, SAMPLING_RULES)), mesh
+
+
+def _devices(state) -> set:
+    return {device for leaf in jax.tree.leaves(state) for device in leaf.sharding.device_set}
 
 
 def _cache_split(mesh, kv_heads: int) -> tuple[int, int]:
@@ -382,8 +400,33 @@ def _pick_tokens(logits, keys, temperature, top_p, top_k, greedy: bool, filters:
         scaled = logits / temperature
         logprobs = jax.nn.log_softmax(scaled, axis=-1)
         candidates = _top_k_top_p(scaled, top_k, top_p) if filters else scaled
-        token = jax.vmap(jax.random.categorical)(keys, candidates)
+        token = _inverse_cdf(keys, candidates)
     return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf(keys, candidates):
+    """One draw per row from softmax(candidates) ([B, vocab], -inf: never drawn) by its inverse CDF at one uniform
+    per row (Gumbel-max would draw a vocabulary of noise per row). The cumulative sum is two-level, over blocks of
+    `SAMPLING_BLOCK` tokens and then inside the block drawn (a full-vocabulary cumsum costs more than the rest)."""
+    rows, vocab = candidates.shape
+    weights = jnp.exp(candidates - jnp.max(candidates, axis=-1, keepdims=True))
+    blocks = jnp.pad(weights, ((0, 0), (0, -vocab % SAMPLING_BLOCK))).reshape(rows, -1, SAMPLING_BLOCK)
+    block_weights = jnp.sum(blocks, axis=-1)
+    block_ends = jnp.cumsum(block_weights, axis=-1)
+    threshold = jax.vmap(jax.random.uniform)(keys) * block_ends[:, -1]
+    block = _first_above(block_ends, block_weights, threshold)
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_ends - block_weights, block[:, None], axis=1)[:, 0]
+    return block * SAMPLING_BLOCK + _first_above(jnp.cumsum(inside, axis=-1), inside, threshold - before)
+
+
+def _first_above(cumulative, weights, threshold):
+    """Per row the first index whose cumulative weight exceeds the threshold. Weightless entries are never picked
+    (rounding in the sums cannot make them so); should rounding leave no weighted entry above the threshold, the
+    last weighted one is."""
+    above = (cumulative > threshold[:, None]) & (weights > 0)
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last)
 
 
 def _top_k_top_p(scaled, top_k, top_p):

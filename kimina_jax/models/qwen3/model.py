@@ -2,7 +2,8 @@
 
 Rows may be packed: `segment_ids` (0 = padding) keep attention inside one sequence, and `positions`
 restart per sequence. Decoding uses a `KVCache` whose slots carry segment ids too, so padded prompts and
-generated tokens share one masking rule: a query sees the earlier-or-equal slots of its own segment.
+generated tokens share one masking rule: a query sees the earlier-or-equal slots of its own segment. The cache
+is head-major, the layout decode attention reads (`cached_attention`): a step transposes only its new entries.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from kimina_jax.models.attention import (
-    ATTENTION_IMPLS, AttentionImpl, attention_mask, segment_attention, xla_attention,
+    ATTENTION_IMPLS, AttentionImpl, attention_mask, cached_attention, segment_attention,
 )
 from kimina_jax.models.config import Qwen3Config
 from kimina_jax.models.mesh_hints import constrain
@@ -26,7 +27,7 @@ REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_dots")
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values [batch, slots, kv_heads, head_dim], slot segment ids, each row's next write slot.
+    """Per-layer keys/values [batch, kv_heads, slots, head_dim], slot segment ids, each row's next write slot.
 
     Rows advance independently (a sampler can start a new sequence in one row while the others go on).
 
@@ -43,7 +44,7 @@ class KVCache:
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, slots, config.head_dim)
         layers = range(config.num_hidden_layers)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
@@ -66,9 +67,9 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def write_rows(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """cache [B, S, ...] with each row's new [T, ...] entries written from its slot index[b]."""
-    return jax.vmap(lambda row, update, at: jax.lax.dynamic_update_slice_in_dim(row, update, at, axis=0))(
+def write_rows(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int = 0) -> jax.Array:
+    """cache [B, ...] with each row's new entries written from slot index[b] of the row's `axis` (the slots)."""
+    return jax.vmap(lambda row, update, at: jax.lax.dynamic_update_slice_in_dim(row, update, at, axis=axis))(
         cache, new, index
     )
 
@@ -117,16 +118,17 @@ class Attention(nnx.Module):
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
             return self.o_proj(out.reshape(b, t, -1)), None
         cached_k, cached_v = layer_cache
-        k_all = write_rows(cached_k, k.astype(cached_k.dtype), cache_index)
-        v_all = write_rows(cached_v, v.astype(cached_v.dtype), cache_index)
+        k_all = write_rows(cached_k, k.swapaxes(1, 2).astype(cached_k.dtype), cache_index, axis=1)
+        v_all = write_rows(cached_v, v.swapaxes(1, 2).astype(cached_v.dtype), cache_index, axis=1)
         if window == t:  # prefill of an empty cache
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
         else:
-            slots = k_all.shape[1] if window is None else window
+            slots = k_all.shape[2] if window is None else window
             q_slots = jnp.arange(t, dtype=jnp.int32)[None, :] + cache_index[:, None]
             key_slots = jnp.arange(slots, dtype=jnp.int32)
             mask = attention_mask(segment_ids, cache_segments[:, :slots], q_slots, key_slots)
-            out = xla_attention(q, k_all[:, :slots].astype(q.dtype), v_all[:, :slots].astype(q.dtype), mask, scale)
+            out = cached_attention(q, k_all[:, :, :slots].astype(q.dtype), v_all[:, :, :slots].astype(q.dtype), mask,
+                                   scale)
         return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
 
 
