@@ -151,8 +151,8 @@ def pack_samples(
         raise KiminaError(f"rows_multiple must be >= 1, got {rows_multiple}")
     _check_items(items)
     lengths = [len(item.prompt_ids) + len(item.response_ids) for item in items]
-    row_length, num_rows = _pick_shape(row_buckets, lengths, rows_multiple)
-    rows = _deal(_spread(lengths, row_length, num_rows), lengths, rows_multiple)
+    row_length, num_rows, fitted = _pick_shape(row_buckets, lengths, rows_multiple)
+    rows = _deal(_spread(lengths, row_length, num_rows, fitted), lengths, rows_multiple)
 
     shape = (num_rows, row_length)
     tokens = np.full(shape, pad_id, np.int32)
@@ -244,15 +244,17 @@ def _pick_bucket(row_buckets: Sequence[int], lengths: list[int]) -> int:
     return fitting[0]
 
 
-def _pick_shape(row_buckets: Sequence[int], lengths: list[int], rows_multiple: int) -> tuple[int, int]:
-    """(row length, rows): the fewest token slots (ties: fewer rows) into which first-fit-decreasing fits the
-    items, rows being `rows_multiple` x a `micro_batch_count`."""
+def _pick_shape(
+    row_buckets: Sequence[int], lengths: list[int], rows_multiple: int
+) -> tuple[int, int, list[list[int]]]:
+    """(row length, rows, first-fit-decreasing's rows there): the fewest token slots (ties: fewer rows) into
+    which first-fit-decreasing fits the items, rows being `rows_multiple` x a `micro_batch_count`."""
     shortest = _pick_bucket(row_buckets, lengths)
     buckets = sorted(bucket for bucket in set(row_buckets) if bucket >= shortest)
     total = sum(lengths)
     needed = max(-(-total // (rows_multiple * buckets[-1])), -(-len(lengths) // (rows_multiple * MAX_SEGMENTS_PER_ROW)))
     micro = micro_batch_count(needed)
-    best = None  # (slots, row length, rows)
+    best = None  # (slots, row length, rows, packing)
     # More rows cost at least `shortest` each, so once those alone reach the best, nothing better follows; at one
     # row per item everything fits, so the loop ends.
     while best is None or rows_multiple * micro * shortest < best[0]:
@@ -262,11 +264,12 @@ def _pick_shape(row_buckets: Sequence[int], lengths: list[int], rows_multiple: i
                 continue
             if best is not None and length * rows >= best[0]:
                 break
-            if _first_fit_decreasing(lengths, length, max_rows=rows) is not None:
-                best = (length * rows, length, rows)
+            fitted = _first_fit_decreasing(lengths, length, max_rows=rows)
+            if fitted is not None:
+                best = (length * rows, length, rows, fitted)
                 break
         micro = micro_batch_count(micro + 1)
-    return best[1], best[2]
+    return best[1:]
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int, max_rows: int | None = None) -> list[list[int]] | None:
@@ -288,10 +291,12 @@ def _first_fit_decreasing(lengths: list[int], capacity: int, max_rows: int | Non
     return [members for members in rows if members]
 
 
-def _spread(lengths: list[int], capacity: int, num_rows: int) -> list[list[int]]:
+def _spread(lengths: list[int], capacity: int, num_rows: int, fitted: list[list[int]]) -> list[list[int]]:
     """Item indices over exactly `num_rows` rows, the fullest as empty as first-fit-decreasing gets it: a binary
-    search over the row capacity (MULTIFIT), so that the rows, and with them the devices, carry similar loads."""
-    rows = _first_fit_decreasing(lengths, capacity, max_rows=num_rows)  # fits: `_pick_shape` checked it
+    search over the row capacity (MULTIFIT), so that the rows, and with them the devices, carry similar loads.
+    `fitted`: first-fit-decreasing's rows at `capacity` (found by `_pick_shape`), the answer when none smaller
+    fits."""
+    rows = fitted
     low, high = max(max(lengths), -(-sum(lengths) // num_rows)), capacity
     while low < high:
         middle = (low + high) // 2

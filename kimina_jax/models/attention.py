@@ -190,6 +190,11 @@ def _block_scores(q_block, k_block, q_segments, k_segments, q_start, k_start, sc
     return scores, (same & causal)[:, None, None]
 
 
+def _block(x, i, axis, *, size):
+    """Block `i` (of `size` entries) of `x` along `axis`."""
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _blockwise(q, k, v, segment_ids, first, last, scale, block):
     return _blockwise_forward(q, k, v, segment_ids, first, last, scale, block)[0]
@@ -198,7 +203,7 @@ def _blockwise(q, k, v, segment_ids, first, last, scale, block):
 def _blockwise_forward(q, k, v, segment_ids, first, last, scale, block):
     """q [B, kv_heads, groups, T, D], k/v [B, kv_heads, T, D] -> out like q and its log-sum-exp [B, kv, g, T]."""
     stats = q.shape[:3] + (block,)
-    take = lambda x, i, axis: jax.lax.dynamic_slice_in_dim(x, i * block, block, axis)  # noqa: E731
+    take = functools.partial(_block, size=block)
 
     def query_block(i, carry):
         out, lse = carry
@@ -234,7 +239,7 @@ def _blockwise_backward(scale, block, residuals, d_out):
     """The forward's block pairs again, key blocks outer: their dK and dV stay in the loop carry, dQ is added
     in place; probabilities recomputed from the saved log-sum-exp."""
     q, k, v, segment_ids, first, last, out, lse = residuals
-    take = lambda x, i, axis: jax.lax.dynamic_slice_in_dim(x, i * block, block, axis)  # noqa: E731
+    take = functools.partial(_block, size=block)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, kv, g, T]
     d_out = d_out.astype(q.dtype)
 
