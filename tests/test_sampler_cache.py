@@ -57,10 +57,45 @@ def test_cache_after_prefill_and_decode_holds_the_full_forwards_keys_and_values_
     for t in range(prefix, ids.shape[1]):
         _, cache = model(ids[:, t : t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32), cache=cache)
     for (keys, values), cached_k, cached_v in zip(full_forward_kv(model, ids), cache.keys, cache.values):
-        assert cached_k.shape == cached_v.shape == (2, CONFIG.num_key_value_heads, slots, CONFIG.head_dim)
+        assert cached_v.shape == (2, CONFIG.num_key_value_heads, slots, CONFIG.head_dim)
+        assert cached_k.shape == (2, CONFIG.num_key_value_heads, CONFIG.head_dim, slots)  # keys transposed
+        cached_k = cached_k.swapaxes(2, 3)
         np.testing.assert_allclose(np.asarray(cached_k)[:, :, :9], keys, atol=1e-5)
         np.testing.assert_allclose(np.asarray(cached_v)[:, :, :9], values, atol=1e-5)
         assert not np.asarray(cached_k)[:, :, 9:].any() and not np.asarray(cached_v)[:, :, 9:].any()
+
+
+def decode_windows(sampler: JaxSampler) -> list[int]:
+    """The cache slots of every later decode call's batch."""
+    windows, decode = [], sampler._jitted.decode
+
+    def recorded(state, batch, *args, **kwargs):
+        windows.append(batch.cache.segment_ids.shape[1])
+        assert {k.shape[3] for k in batch.cache.keys} == {v.shape[2] for v in batch.cache.values} == {windows[-1]}
+        return decode(state, batch, *args, **kwargs)
+
+    sampler._jitted.decode = recorded
+    return windows
+
+
+def test_the_decode_cache_holds_its_window_growing_and_shrinking_between_calls():
+    """Two long prompts decode in a 64-slot cache (not the 84 slots of the rows' capacity); once they leave, the
+    short prompts admitted into their batch rows decode in 16 slots, then 32 as they grow past 16 tokens. What is
+    sampled is what one window of the whole capacity samples."""
+    model = tiny_model()
+    prompts = [list(range(1, 41)), list(range(41, 81)), [1, 2, 3], [4, 5, 6]]
+    params = SamplingParams(temperature=1.0, max_tokens=20, seed=2)
+    sampler = JaxSampler(model, max_batch_rows=2, first_decode_window=16)
+    windows = decode_windows(sampler)
+    windowed = sampler.generate(prompts, params)
+    assert windows[0] == 64 and 16 in windows and windows[-1] == 32 and max(windows) == 64, windows
+    whole = JaxSampler(model, max_batch_rows=2, first_decode_window=1024)
+    whole_windows = decode_windows(whole)
+    reference = whole.generate(prompts, params)
+    assert set(whole_windows) == {64 + 20}  # prompt bucket + max_tokens
+    for (got,), (expected,) in zip(windowed, reference):
+        assert list(got.token_ids) == list(expected.token_ids) and len(got.token_ids) == 20
+        np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
 
 
 def masked_attention_reference(q, k, v, mask, scale) -> np.ndarray:
@@ -74,12 +109,13 @@ def masked_attention_reference(q, k, v, mask, scale) -> np.ndarray:
     return np.einsum("bhts,bshd->bthd", probs, v)
 
 
+@pytest.mark.parametrize("queries", [1, 2], ids=["decode-step", "two-queries"])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.05)])
-def test_cached_attention_reads_the_head_major_cache(dtype, atol):
+def test_cached_attention_reads_the_head_major_cache(dtype, atol, queries):
     from kimina_jax.models.attention import cached_attention
 
     rng = np.random.default_rng(1)
-    b, t, s, heads, kv_heads, d = 3, 2, 11, 6, 2, 16
+    b, t, s, heads, kv_heads, d = 3, queries, 11, 6, 2, 16
     q, k, v = (rng.normal(size=shape).astype(np.float32)
                for shape in [(b, t, heads, d), (b, s, kv_heads, d), (b, s, kv_heads, d)])
     mask = (rng.random((b, t, s)) < 0.6)
@@ -87,7 +123,7 @@ def test_cached_attention_reads_the_head_major_cache(dtype, atol):
     expected = masked_attention_reference(q, k, v, mask, 0.25)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     got = jax.jit(cached_attention, static_argnums=4)(
-        cast(q), cast(k.swapaxes(1, 2)), cast(v.swapaxes(1, 2)), jnp.asarray(mask), 0.25)
+        cast(q), cast(k.transpose(0, 2, 3, 1)), cast(v.swapaxes(1, 2)), jnp.asarray(mask), 0.25)
     assert got.dtype == dtype  # bfloat16 with float32 scores runs on CPU too
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=atol, rtol=0)
     np.testing.assert_allclose(np.asarray(xla_attention(cast(q), cast(k), cast(v), jnp.asarray(mask), 0.25),

@@ -53,7 +53,7 @@ def attention_mask(q_segments, k_segments, q_slots, k_slots) -> jax.Array:
 
 def xla_attention(q, k, v, mask, scale):
     """q [B, T, heads, D], k/v [B, S, kv_heads, D], mask [B, T, S]; float32 scores, grouped KV heads."""
-    return cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, scale)
+    return cached_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, scale)
 
 
 def segment_attention(q, k, v, segment_ids, scale, impl: AttentionImpl):
@@ -288,14 +288,18 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids):
 
 
 def cached_attention(q, k_cache, v_cache, mask, scale):
-    """`xla_attention` over a head-major KV cache: q [B, T, heads, D], k/v [B, kv_heads, S, D], mask [B, T, S].
-    Both products read the cache in its own layout (batch and KV head leading), so the S slots are not transposed."""
+    """`xla_attention` over a head-major KV cache: q [B, T, heads, D], keys [B, kv_heads, D, S] (transposed), values
+    [B, kv_heads, S, D], mask [B, T, S]. Both products read the cache in its own layout (batch and KV head
+    leading, each product's contracted axis where a plain matmul has it), so the S slots are not transposed."""
     b, t, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     # Batch and KV-head axes leading in every operand: plain batched matmuls (XLA:CPU runs no other bfloat16 ones
     # with float32 results). Only q and the output, T rows each, are transposed.
     q = q.reshape(b, t, n_kv, n_q // n_kv, d).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, -1, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32) * scale
+    if t == 1:  # a decode step: a multiply-and-sum over D reads the keys once (CPU: 1.1 ms vs the dot's 1.45 ms)
+        scores = (q.astype(jnp.float32)[..., None] * k_cache.astype(jnp.float32)[:, :, None]).sum(3) * scale
+    else:
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, k_cache, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, n_kv, -1, t, scores.shape[-1])
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED).reshape(b, n_kv, -1, scores.shape[-1])
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)

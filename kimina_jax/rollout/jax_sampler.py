@@ -8,23 +8,26 @@ into the freed rows while the others keep their place: a long response does not 
 nothing waits, the rows still running are gathered into the smallest power-of-two batch that holds them, so
 finished samples stop costing decode steps.
 
-Attention reads only the leading `window` cache slots, the smallest power of two (at least `first_decode_window`)
-beyond every running row's last token, capped at the cache's capacity: a step costs about the longest context so
-far, not the whole capacity (with 24k-token responses that is most of the decode time). The decode loop also stops
-when a row reaches the window, which then doubles.
+The decode batch's KV cache holds only `window` slots, the smallest power of two (at least `first_decode_window`)
+beyond every running row's last token, capped at the rows' capacity (prompt bucket + max_tokens): a step costs
+about the longest context so far, not the whole capacity (with 24k-token responses that is most of the decode
+time). The decode loop stops when a row reaches the window; the cache is then grown (or, once long rows have
+left, shrunk) to the new window between decode calls, one layer's array at a time, rather than a window being
+sliced out of a full-capacity cache at every step (that copy cost more than the attention reading it).
 
 A prompt is prefilled once for all its samples admitted together (their cache rows are copies). Compilations:
 one prefill per (prompts, prompt length) bucket, one decode loop per (batch rows, window), one insert per
-(batch rows, new rows, prompts) buckets, one gather per pair of row buckets; shapes and max_tokens, greedy or
-not, filtered or not and the number of stop ids pick them, while temperature, top-p and top-k values are traced
-(changing them does not recompile).
+(batch rows, window, new rows, prompts, prompt length) buckets, one resize per (array shape, window), one gather
+per pair of row buckets; shapes and max_tokens, greedy or not, filtered or not and the number of stop ids pick
+them, while temperature, top-p and top-k values are traced (changing them does not recompile).
 
 Every row draws from its own key, fold_in(call key, prompt index, sample index, tokens so far), so a seeded call
 gives the same samples however the rows are batched. A draw takes one uniform number per row and inverts the
 (filtered) distribution's cumulative sum (`_inverse_cdf`), not a vocabulary of Gumbel noise.
 
-The KV cache is head-major ([rows, KV heads, slots, head dim], `models.KVCache`), the layout decode attention
-reads, and the decode loop updates it in place (its batch is donated).
+The KV cache is head-major (`models.KVCache`: keys [rows, KV heads, head dim, slots], values [rows, KV heads,
+slots, head dim]), the layouts decode attention reads, and the decode loop updates it in place (its batch is
+donated).
 
 On a mesh (the trainer's parameters split over several devices) sampling is data-parallel: the sampler keeps a
 copy of the weights split over the model-parallel axes only (`parallel.SAMPLING_RULES`; weight matrices in the
@@ -73,7 +76,8 @@ class JaxSampler(RolloutEngine):
     `max_len` bounds prompt + response (default: the config's max_position_embeddings). EOS ids default to
     config.json's and the tokenizer's (`find_eos_token_ids`). `max_batch_rows` bounds the rows decoded together
     (the batch is the largest power of two within it); `kv_cache_bytes` (None: no bound) bounds the memory their
-    KV cache takes on each device; it holds (prompt bucket + max_tokens) slots for every row.
+    KV cache takes on each device at its largest, (prompt bucket + max_tokens) slots for every row (while the cache
+    grows, one layer's keys or values exist twice).
     """
 
     def __init__(
@@ -180,16 +184,36 @@ class _Batch:
             if not self.waiting:
                 decode = self._compact(decode)
             batch, index = len(self.origin), np.asarray(decode.cache.index)
-            last = index[self.origin >= 0].max()
-            window = min(self.slots, _bucket(max(last + 1, self.sampler.first_decode_window), 1))
+            decode = self._resize(decode, self._window(index[self.origin >= 0].max()))
             free = int((self.origin < 0).sum())
             stop_at = free + max(1, batch // REFILL_FRACTION) if self.waiting else max(batch - batch // 2, free + 1)
             decode = self.run_jitted.decode(self.sampler._state, decode, *self.sampling, jnp.int32(stop_at),
-                                            window=window, greedy=self.params.greedy, filters=self.params.filters)
+                                            greedy=self.params.greedy, filters=self.params.filters)
             self._harvest(decode)
             if self.waiting:
                 decode = self._admit(decode)
         return self.outputs
+
+    def _window(self, last: int) -> int:
+        """The cache slots rows need while the furthest of them writes its next token at slot `last`."""
+        return min(self.slots, _bucket(max(last + 1, self.sampler.first_decode_window), 1))
+
+    def _resize(self, decode: _Decode, window: int) -> _Decode:
+        """`decode` with a cache of `window` slots, grown with empty slots or cut after the last written one.
+        Array by array, each old one deleted once copied: the cache never exists twice."""
+        if window == decode.cache.segment_ids.shape[1]:
+            return decode
+
+        def resized(array, axis):
+            new = self.run_jitted.resize(array, axis=axis, size=window)
+            array.delete()
+            return new
+
+        cache = decode.cache
+        return decode._replace(cache=cache.replace(
+            keys=tuple(resized(a, 3) for a in cache.keys), values=tuple(resized(a, 2) for a in cache.values),
+            segment_ids=resized(cache.segment_ids, 1),
+        ))
 
     def _admit(self, decode: _Decode | None) -> _Decode:
         """Prefill waiting rows into the free batch rows (the whole batch when `decode` is None). A prompt is
@@ -205,8 +229,8 @@ class _Batch:
         for i, u in unique.items():
             tokens[u, : len(self.prompts[i])] = self.prompts[i]
             lengths[u] = len(self.prompts[i])
-        prefilled = self.run_jitted.prefill(self.sampler._state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                            slots=self.slots)
+        prefilled = self.run_jitted.prefill(self.sampler._state, jnp.asarray(tokens), jnp.asarray(lengths))
+        window = self._window(max(len(self.prompts[i]) for i in unique))
         size = len(self.origin) if decode is None else _bucket(len(admitted), 1)
         source = np.zeros(size, np.int32)  # the prefilled prompt each new row copies (filler rows: the first)
         prompt_sample = np.zeros((size, 2), np.int32)
@@ -217,7 +241,8 @@ class _Batch:
         at = free[: len(admitted)]
         self.origin[at] = admitted
         if decode is None:
-            return self.run_jitted.start(prefilled, *new_rows, max_tokens=self.params.max_tokens)
+            return self.run_jitted.start(prefilled, *new_rows, max_tokens=self.params.max_tokens, slots=window)
+        decode = self._resize(decode, max(window, decode.cache.segment_ids.shape[1]))
         at = np.concatenate([at, np.full(size - len(admitted), len(self.origin))])  # fillers: out of range, dropped
         return self.run_jitted.insert(decode, prefilled, *new_rows, jnp.asarray(at))
 
@@ -304,11 +329,12 @@ class _Jitted:
     it holds is not hashable). The decode batch is donated: updated in place, never copied."""
 
     def __init__(self, graphdef: nnx.GraphDef):
-        self.prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames="slots")
-        self.start = jax.jit(_start, static_argnames="max_tokens")
+        self.prefill = jax.jit(functools.partial(_prefill, graphdef))
+        self.start = jax.jit(_start, static_argnames=("max_tokens", "slots"))
         self.decode = jax.jit(functools.partial(_decode, graphdef), donate_argnums=1,
-                              static_argnames=("window", "greedy", "filters"))
+                              static_argnames=("greedy", "filters"))
         self.insert = jax.jit(_insert, donate_argnums=0)
+        self.resize = jax.jit(_resize_slots, static_argnames=("axis", "size"))
         self.take_rows = jax.jit(_take_rows)
         self.gather = jax.jit(lambda d, index: (d.tokens[index], d.logprobs[index], d.count[index]))
 
@@ -316,16 +342,16 @@ class _Jitted:
 class _Prefilled(NamedTuple):
     """Prompts prefilled into a cache: the rows that batch rows start from (U prompts)."""
 
-    cache: KVCache  # each row's index is its prompt length: decode tokens go right after the prompt
+    cache: KVCache  # prompt-length slots; each row's index is its prompt length: decode tokens go right after it
     logits: jax.Array  # [U, vocab] float32: the first new token's logits
 
 
-def _prefill(graphdef, state, tokens, lengths, *, slots: int) -> _Prefilled:
-    """Prefill right-padded prompts [U, P] into a cache of `slots` slots. A row's decode tokens follow its prompt
+def _prefill(graphdef, state, tokens, lengths) -> _Prefilled:
+    """Prefill right-padded prompts [U, P] into a cache of P slots. A row's decode tokens follow its prompt
     (overwriting its padding) and share the prompt's segment id, so the cache mask hides only unwritten slots."""
     model = nnx.merge(graphdef, state)
     rows, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, rows, slots, model.dtype).replace(window=prompt_len)
+    cache = KVCache.init(model.config, rows, prompt_len, model.dtype).replace(window=prompt_len)
     segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
@@ -333,26 +359,30 @@ def _prefill(graphdef, state, tokens, lengths, *, slots: int) -> _Prefilled:
     return _Prefilled(cache=cache.replace(index=lengths, window=None), logits=model.logits(last))
 
 
-def _start(prefilled: _Prefilled, source, live, call_key, prompt_sample, *, max_tokens: int) -> _Decode:
-    """Batch rows, row r a copy of prefilled prompt source[r] drawing with the key of its (prompt, sample) in
-    prompt_sample[r]; rows not `live` are fillers, done from the start."""
+def _start(prefilled: _Prefilled, source, live, call_key, prompt_sample, *, max_tokens: int, slots: int) -> _Decode:
+    """Batch rows of `slots` cache slots, row r a copy of prefilled prompt source[r] drawing with the key of its
+    (prompt, sample) in prompt_sample[r]; rows not `live` are fillers, done from the start."""
     take = functools.partial(jnp.take, indices=source, axis=0)
     batch = source.shape[0]
     row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(prompt_sample)
+    cache = jax.tree.map(take, prefilled.cache)
+    cache = cache.replace(keys=tuple(_resize_slots(a, axis=3, size=slots) for a in cache.keys),
+                          values=tuple(_resize_slots(a, axis=2, size=slots) for a in cache.values),
+                          segment_ids=_resize_slots(cache.segment_ids, axis=1, size=slots))
     return _Decode(
-        cache=jax.tree.map(take, prefilled.cache), logits=take(prefilled.logits),
+        cache=cache, logits=take(prefilled.logits),
         tokens=jnp.zeros((batch, max_tokens), jnp.int32), logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
         count=jnp.zeros((batch,), jnp.int32), done=~live, row_keys=row_keys,
     )
 
 
 def _decode(
-    graphdef, state, decode: _Decode, stop_ids, temperature, top_p, top_k, stop_at, *,
-    window: int, greedy: bool, filters: bool,
+    graphdef, state, decode: _Decode, stop_ids, temperature, top_p, top_k, stop_at, *, greedy: bool, filters: bool,
 ) -> _Decode:
-    """Decode until `stop_at` rows are done or a running row reaches the `window` cache slots attention reads."""
+    """Decode until `stop_at` rows are done or a running row reaches the end of the cache (the window)."""
     model = nnx.merge(graphdef, state)
     batch, max_tokens = decode.tokens.shape
+    window = decode.cache.segment_ids.shape[1]
 
     def step_once(d: _Decode) -> _Decode:
         live = ~d.done
@@ -374,15 +404,20 @@ def _decode(
         room = jnp.all(d.done | (d.cache.index < window))
         return room & (jnp.sum(d.done) < stop_at) & ~jnp.all(d.done)
 
-    decode = decode._replace(cache=decode.cache.replace(window=window))
-    decode = jax.lax.while_loop(keep_going, step_once, decode)
-    return decode._replace(cache=decode.cache.replace(window=None))
+    return jax.lax.while_loop(keep_going, step_once, decode)
 
 
 def _insert(decode: _Decode, prefilled: _Prefilled, source, live, call_key, prompt_sample, at) -> _Decode:
     """`decode` with its rows `at` replaced by new rows started as `_start` does (indices out of range: dropped)."""
-    new = _start(prefilled, source, live, call_key, prompt_sample, max_tokens=decode.tokens.shape[1])
+    new = _start(prefilled, source, live, call_key, prompt_sample, max_tokens=decode.tokens.shape[1],
+                 slots=decode.cache.segment_ids.shape[1])
     return jax.tree.map(lambda old, rows: old.at[at].set(rows, mode="drop"), decode, new)
+
+
+def _resize_slots(array, *, axis: int, size: int):
+    """`array` with `size` slots along `axis`: its leading ones, then zeros (empty slots)."""
+    kept = jax.lax.slice_in_dim(array, 0, min(size, array.shape[axis]), axis=axis)
+    return jnp.pad(kept, [(0, size - kept.shape[axis] if a == axis else 0) for a in range(array.ndim)])
 
 
 def _take_rows(decode: _Decode, index: jax.Array, filler: jax.Array) -> _Decode:

@@ -3,7 +3,8 @@
 Rows may be packed: `segment_ids` (0 = padding) keep attention inside one sequence, and `positions`
 restart per sequence. Decoding uses a `KVCache` whose slots carry segment ids too, so padded prompts and
 generated tokens share one masking rule: a query sees the earlier-or-equal slots of its own segment. The cache
-is head-major, the layout decode attention reads (`cached_attention`): a step transposes only its new entries.
+is head-major and holds keys transposed, the layouts decode attention reads as they are (`cached_attention`): a
+step transposes only its new entries.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_dots")
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values [batch, kv_heads, slots, head_dim], slot segment ids, each row's next write slot.
+    """Per-layer keys [batch, kv_heads, head_dim, slots] and values [batch, kv_heads, slots, head_dim], slot segment
+    ids, each row's next write slot. Keys are stored transposed: on CPU a query-key product with the slots last
+    ran 14x faster than with the head dimension last (XLA:CPU's YNNPACK dots, 64 rows x 576 slots).
 
     Rows advance independently (a sampler can start a new sequence in one row while the others go on).
 
@@ -44,11 +47,10 @@ class KVCache:
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_key_value_heads, slots, config.head_dim)
-        layers = range(config.num_hidden_layers)
+        heads, dim, layers = config.num_key_value_heads, config.head_dim, range(config.num_hidden_layers)
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            values=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            keys=tuple(jnp.zeros((batch, heads, dim, slots), dtype) for _ in layers),
+            values=tuple(jnp.zeros((batch, heads, slots, dim), dtype) for _ in layers),
             segment_ids=jnp.zeros((batch, slots), jnp.int32),
             index=jnp.zeros((batch,), jnp.int32),
         )
@@ -118,17 +120,17 @@ class Attention(nnx.Module):
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
             return self.o_proj(out.reshape(b, t, -1)), None
         cached_k, cached_v = layer_cache
-        k_all = write_rows(cached_k, k.swapaxes(1, 2).astype(cached_k.dtype), cache_index, axis=1)
+        k_all = write_rows(cached_k, k.transpose(0, 2, 3, 1).astype(cached_k.dtype), cache_index, axis=2)
         v_all = write_rows(cached_v, v.swapaxes(1, 2).astype(cached_v.dtype), cache_index, axis=1)
         if window == t:  # prefill of an empty cache
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
         else:
-            slots = k_all.shape[2] if window is None else window
+            slots = v_all.shape[2] if window is None else window
             q_slots = jnp.arange(t, dtype=jnp.int32)[None, :] + cache_index[:, None]
             key_slots = jnp.arange(slots, dtype=jnp.int32)
             mask = attention_mask(segment_ids, cache_segments[:, :slots], q_slots, key_slots)
-            out = cached_attention(q, k_all[:, :, :slots].astype(q.dtype), v_all[:, :, :slots].astype(q.dtype), mask,
-                                   scale)
+            out = cached_attention(q, k_all[..., :slots].astype(q.dtype), v_all[:, :, :slots].astype(q.dtype),
+                                   mask, scale)
         return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
 
 
