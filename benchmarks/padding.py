@@ -5,6 +5,8 @@ length buckets) on `--devices` data-parallel devices (`rows_multiple` = devices 
 `--batches` mini-batches of random lengths are packed and the table gives, min / mean / max over them:
 - padded tokens: slots of the computed rows that hold no token, 1 - tokens / (rows x row length);
 - empty slots: the same for what is transferred, the micro-batch count padded as `TrainStep` pads it;
+- floor: a lower bound on the empty slots of any packing into rows of one length whose count is a multiple of
+  `rows_multiple` (`padding_floor`), what no choice of buckets or packing order can beat;
 - shapes: distinct (transferred micro-batches, row length) among the batches, each a compilation of the update
   and of the log-prob pass; pack s: seconds per `pack_samples` call.
 Lengths: a prompt length per group (lognormal, median 400 tokens), responses lognormal with median a quarter of
@@ -31,6 +33,19 @@ def response_lengths(rng: np.random.Generator, kind: str, n: int, max_response: 
     return np.clip(rng.lognormal(np.log(max_response / 4), 0.8, n), 1, max_response).astype(int)
 
 
+def padding_floor(lengths: list[int], rows_multiple: int, max_length: int) -> float:
+    """The fewest empty slots, as a fraction, of rows of one length L (from the longest sequence to `max_length`)
+    numbering a multiple of `rows_multiple`, where L needs at least ceil(tokens / L) rows and one row for each
+    sequence longer than L / 2 (no two of those share a row). A bound: real packings may need more rows."""
+    lengths = np.sort(np.asarray(lengths))
+    tokens = int(lengths.sum())
+    row_length = np.arange(lengths[-1], max_length + 1)
+    alone = len(lengths) - np.searchsorted(lengths, row_length / 2, side="right")
+    rows = np.maximum(-(-tokens // row_length), alone)
+    rows = -(-rows // rows_multiple) * rows_multiple
+    return float(np.min(1 - tokens / (rows * row_length)))
+
+
 def percent(values: list[float]) -> str:
     return f"{100 * min(values):.1f} / {100 * np.mean(values):.1f} / {100 * max(values):.1f}"
 
@@ -42,7 +57,7 @@ def measure(recipe: str, kind: str, devices: int, batches: int, seed: int) -> di
     buckets = row_length_buckets(algorithm.pack_length, min_length=min(256, algorithm.pack_length))
     rows_multiple = devices * algorithm.micro_batch_rows
     rng = np.random.default_rng(seed)
-    padded, empty, shapes, seconds = [], [], set(), []
+    padded, empty, floor, shapes, seconds = [], [], [], set(), []
     for _ in range(batches):
         items = []
         for _ in range(algorithm.ppo_mini_batch_size):
@@ -58,9 +73,11 @@ def measure(recipe: str, kind: str, devices: int, batches: int, seed: int) -> di
         padded.append(1 - tokens / batch.tokens.size)
         empty.append(1 - tokens / (micro_batch_count(micro) * rows_multiple * batch.row_length))
         shapes.add((micro_batch_count(micro), batch.row_length))
+        floor.append(padding_floor([len(item.prompt_ids) + len(item.response_ids) for item in items], rows_multiple,
+                                   algorithm.pack_length))
     return {
         "recipe": recipe, "lengths": kind, "items": str(len(items)), "padded tokens %": percent(padded),
-        "empty slots %": percent(empty), "shapes": str(len(shapes)), "pack s": f"{np.mean(seconds):.3f}",
+        "empty slots %": percent(empty), "floor %": percent(floor), "shapes": str(len(shapes)), "pack s": f"{np.mean(seconds):.3f}",
     }
 
 
