@@ -3,12 +3,12 @@
 For a recipe's mini-batch (`ppo_mini_batch_size` prompts x `rollout.n` responses, its maximum lengths and row
 length buckets) on `--devices` data-parallel devices (`rows_multiple` = devices x `algorithm.micro_batch_rows`),
 `--batches` mini-batches of random lengths are packed and the table gives, min / mean / max over them:
-- padded tokens: slots of the computed rows that hold no token, 1 - tokens / (rows x row length);
-- empty slots: the same for what is transferred, the micro-batch count padded as `TrainStep` pads it;
-- floor: a lower bound on the empty slots of any packing into rows of one length whose count is a multiple of
-  `rows_multiple` (`padding_floor`), what no choice of buckets or packing order can beat;
-- shapes: distinct (transferred micro-batches, row length) among the batches, each a compilation of the update
-  and of the log-prob pass; pack s: seconds per `pack_samples` call.
+- padded slots: slots of the computed (and transferred) micro-batches that hold no token, 1 - tokens / slots;
+- one length: the same for the best plan of rows of one length (`_one_length`), which `pack_samples` leaves for
+  mixed row lengths where those save 2% of the slots;
+- mixed: mini-batches packed with several row lengths; shapes: distinct (micro-batches, row length) of the runs
+  of micro-batches of one length, each a compilation of the gradient pass and of the log-prob pass; pack s:
+  seconds per `pack_samples` call.
 Lengths: a prompt length per group (lognormal, median 400 tokens), responses lognormal with median a quarter of
 the maximum (`lognormal`, a few percent cut at the maximum) or uniform up to it (`uniform`).
 
@@ -23,27 +23,13 @@ import time
 import numpy as np
 
 from kimina_jax.config import ENV_URL, load_config
-from kimina_jax.grpo import PackItem, pack_samples, row_length_buckets
-from kimina_jax.grpo.packing import micro_batch_count
+from kimina_jax.grpo import PackItem, pack_samples, packing, row_length_buckets
 
 
 def response_lengths(rng: np.random.Generator, kind: str, n: int, max_response: int) -> np.ndarray:
     if kind == "uniform":
         return rng.integers(1, max_response + 1, n)
     return np.clip(rng.lognormal(np.log(max_response / 4), 0.8, n), 1, max_response).astype(int)
-
-
-def padding_floor(lengths: list[int], rows_multiple: int, max_length: int) -> float:
-    """The fewest empty slots, as a fraction, of rows of one length L (from the longest sequence to `max_length`)
-    numbering a multiple of `rows_multiple`, where L needs at least ceil(tokens / L) rows and one row for each
-    sequence longer than L / 2 (no two of those share a row). A bound: real packings may need more rows."""
-    lengths = np.sort(np.asarray(lengths))
-    tokens = int(lengths.sum())
-    row_length = np.arange(lengths[-1], max_length + 1)
-    alone = len(lengths) - np.searchsorted(lengths, row_length / 2, side="right")
-    rows = np.maximum(-(-tokens // row_length), alone)
-    rows = -(-rows // rows_multiple) * rows_multiple
-    return float(np.min(1 - tokens / (rows * row_length)))
 
 
 def percent(values: list[float]) -> str:
@@ -57,7 +43,7 @@ def measure(recipe: str, kind: str, devices: int, batches: int, seed: int) -> di
     buckets = row_length_buckets(algorithm.pack_length, min_length=min(256, algorithm.pack_length))
     rows_multiple = devices * algorithm.micro_batch_rows
     rng = np.random.default_rng(seed)
-    padded, empty, floor, shapes, seconds = [], [], [], set(), []
+    padded, one_length, mixed, shapes, seconds = [], [], 0, set(), []
     for _ in range(batches):
         items = []
         for _ in range(algorithm.ppo_mini_batch_size):
@@ -68,16 +54,19 @@ def measure(recipe: str, kind: str, devices: int, batches: int, seed: int) -> di
         batch = pack_samples(items, buckets, loss_agg_mode=algorithm.loss_agg_mode,
                              max_response_len=algorithm.loss_norm_length, rows_multiple=rows_multiple)
         seconds.append(time.perf_counter() - start)
-        tokens = int(np.sum(batch.segment_ids > 0))
-        micro = batch.num_rows // rows_multiple
-        padded.append(1 - tokens / batch.tokens.size)
-        empty.append(1 - tokens / (micro_batch_count(micro) * rows_multiple * batch.row_length))
-        shapes.add((micro_batch_count(micro), batch.row_length))
-        floor.append(padding_floor([len(item.prompt_ids) + len(item.response_ids) for item in items], rows_multiple,
-                                   algorithm.pack_length))
+        padded.append(batch.padding_fraction)
+        lengths = [len(item.prompt_ids) + len(item.response_ids) for item in items]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        fitting = [bucket for bucket in buckets if bucket >= lengths[order[0]]]
+        one_length.append(1 - sum(lengths) / packing._slots(packing._one_length(lengths, order, fitting,
+                                                                                 rows_multiple)))
+        micro_lengths = [length for _, length in batch.micro_batches(rows_multiple)]
+        mixed += len(set(micro_lengths)) > 1
+        shapes.update((micro_lengths.count(length), length) for length in micro_lengths)
     return {
-        "recipe": recipe, "lengths": kind, "items": str(len(items)), "padded tokens %": percent(padded),
-        "empty slots %": percent(empty), "floor %": percent(floor), "shapes": str(len(shapes)), "pack s": f"{np.mean(seconds):.3f}",
+        "recipe": recipe, "lengths": kind, "items": str(len(items)), "padded slots %": percent(padded),
+        "one length %": percent(one_length), "mixed": f"{mixed}/{batches}", "shapes": str(len(shapes)),
+        "pack s": f"{np.mean(seconds):.3f}",
     }
 
 

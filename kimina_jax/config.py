@@ -273,6 +273,9 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     pack_length: int | None = None  # tokens per packed row; None: max prompt + max response length
     micro_batch_rows: int = 1  # packed rows per gradient-accumulation micro-batch (per data-parallel shard)
+    # Micro-batches of a mini-batch may differ in row length where that saves 2% of the slots (grpo/packing.py):
+    # less padding where micro-batches are few, more compiled shapes; false: one row length per mini-batch.
+    mixed_row_lengths: bool = True
     logits_chunk_tokens: int = 1024  # tokens per lm_head + log-softmax chunk
     # One-step off-policy: step t+1's rollouts are generated with step t's weights while step t trains.
     off_policy: bool = False

@@ -393,7 +393,7 @@ class Trainer:
             batch = pack_samples(
                 items, self.buckets, loss_agg_mode=self.cfg.algorithm.loss_agg_mode,
                 max_response_len=self.cfg.algorithm.loss_norm_length, rows_multiple=self.step_fn.rows_multiple,
-                pad_id=self.tokenizer.pad_token_id or 0,
+                mixed_lengths=self.cfg.algorithm.mixed_row_lengths, pad_id=self.tokenizer.pad_token_id or 0,
             )
             batches.append((batch, [i for i, _ in members]))
         return batches

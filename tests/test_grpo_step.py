@@ -165,8 +165,8 @@ def test_gradient_matches_direct_formula(entropy_coeff, kl_kind):
     state = step.init_state(model)
     batch = packed_minibatch(step, state.params, random_items(1), with_ref=kl.enabled)
     micro = {name: jnp.asarray(value.reshape(-1, 2, batch.row_length)) for name, value in batch.token_arrays().items()}
-    grads, _ = jax.jit(lambda params, micro: accumulate_gradients(
-        step.graphdef, params, micro, batch.num_rows // 2, alg, 0.8))(state.params, micro)
+    grads, _ = jax.jit(lambda params, totals, micro: accumulate_gradients(
+        step.graphdef, params, totals, micro, alg, 0.8))(state.params, step._zero_totals(state.params), micro)
     expected = direct_grad(state.params, step.graphdef, batch, alg, 0.8)
     got, want = flat_params(grads), flat_params(expected)
     for name in want:
@@ -345,23 +345,44 @@ def test_compile_count_depends_only_on_shape_buckets():
     step = TrainStep(model, algorithm(), OPTIM, mesh=make_mesh(2, 2, 1, devices=jax.devices()[:4]))
     state = step.init_state(model)
     shapes = []
-    # Response lengths and counts vary; packed batches come in micro-batch counts the step runs unpadded.
+    # Response lengths and counts vary; packed batches come in micro-batch counts from a small set.
     for seed, count in enumerate((9, 11, 13, 16, 10)):
         items = random_items(10 + seed, count=count, response_lengths=(9, 12))
         batch = packed_minibatch(step, state.params, items, seed=seed)
         micro = batch.num_rows // step.rows_multiple
-        assert micro_batch_count(micro) == micro
+        assert micro_batch_count(micro) == micro and len(set(batch.row_lengths)) == 1
         shapes.append((micro, batch.row_length))
         state, _ = step.update(state, batch, seed)
     assert shapes == [(3, 16), (3, 16), (2, 32), (2, 32), (3, 16)]
-    assert step.compilations == {"update": 2, "logprobs": 2}
-    # Other row counts are padded to such a count: 17 micro-batches of 4 rows run in the compiled shape of 18.
-    for micro in (17, 18):
-        items = random_items(20 + micro, count=4 * micro, response_lengths=(9, 12))
-        batch = packed_minibatch(step, state.params, items, rows_multiple=4 * micro)
-        assert batch.tokens.shape == (4 * micro, 16)
-        state, _ = step.update(state, batch, 5)
-    assert step.compilations == {"update": 3, "logprobs": 3}
+    assert step.compilations == {"zero_totals": 1, "update": 2, "apply": 1, "logprobs": 2}
+
+
+def test_micro_batches_of_several_row_lengths_update_as_one_length_does():
+    """The same items packed with one row length and with a shorter last micro-batch: the same log-probs, loss,
+    gradient norm and parameters after the update."""
+    model = make_model()
+    step = TrainStep(model, algorithm(micro_batch_rows=2), OPTIM)
+    lengths = (30, 30, 30, 30, 6, 6)  # 2 micro-batches of 2 x 32 and one of 2 x 8 (the 8s alone in rows of 32)
+    rng = np.random.default_rng(4)
+    items = [PackItem(rng.integers(1, 60, 3).tolist(), rng.integers(1, 60, n - 3).tolist(), float(rng.normal()))
+             for n in lengths]
+    results = []
+    for buckets in ((32,), (8, 32)):
+        state = step.init_state(model)
+        pack = lambda items: pack_samples(items, buckets, loss_agg_mode="seq-mean-token-sum-norm",  # noqa: E731
+                                          max_response_len=MAX_RESPONSE, rows_multiple=2)
+        old = pack(items).response_values(step.logprobs(state.params, pack(items)))
+        batch = pack([item._replace(old_logp=o) for item, o in zip(items, old)])
+        state, metrics = step.update(state, batch, 0)
+        results.append((batch.row_lengths.tolist(), old, jax.device_get(metrics), flat_params(state.params)))
+    (one_lengths, old_one, metrics_one, params_one), (mixed_lengths, old_mixed, metrics_mixed, params_mixed) = results
+    assert one_lengths == [32] * 6 and mixed_lengths == [32, 32, 32, 32, 8, 8]
+    for a, b in zip(old_one, old_mixed):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    for name in ("actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac"):
+        np.testing.assert_allclose(metrics_mixed[name], metrics_one[name], rtol=1e-4, err_msg=name)
+    for name in params_one:
+        np.testing.assert_allclose(params_mixed[name], params_one[name], atol=PARAM_ATOL, rtol=0, err_msg=name)
 
 
 def test_rejects_batches_it_cannot_use():
@@ -418,7 +439,7 @@ def test_grpo_raises_a_verifiable_reward():
                                           rows_multiple=step.rows_multiple)
         old = pack(items).response_values(step.logprobs(state.params, pack(items)))
         state, _ = step.update(state, pack([item._replace(old_logp=o) for item, o in zip(items, old)]), train_step)
-    assert step.compilations == {"update": 1, "logprobs": 1}
+    assert step.compilations == {"zero_totals": 1, "update": 1, "apply": 1, "logprobs": 1}
     start, end = np.mean(rewards[:2]), np.mean(rewards[-2:])
     assert end > max(0.8, start + 0.3), rewards
 

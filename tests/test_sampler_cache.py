@@ -51,9 +51,9 @@ def test_cache_after_prefill_and_decode_holds_the_full_forwards_keys_and_values_
     model = tiny_model()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(2, 9)), jnp.int32)
     prefix, slots = 5, 16
-    cache = KVCache.init(CONFIG, batch=2, slots=slots).replace(window=prefix)  # the sampler's prefill path
+    cache = KVCache.init(CONFIG, batch=2, slots=slots).replace(prefill=True)  # the sampler's prefill path
     _, cache = model(ids[:, :prefix], None, None, cache=cache)
-    cache = cache.replace(window=None)
+    assert not cache.prefill
     for t in range(prefix, ids.shape[1]):
         _, cache = model(ids[:, t : t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32), cache=cache)
     for (keys, values), cached_k, cached_v in zip(full_forward_kv(model, ids), cache.keys, cache.values):

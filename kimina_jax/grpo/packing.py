@@ -15,15 +15,22 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
   it is given.
 
 Shapes: the train step cuts the rows into micro-batches of `rows_multiple` rows (one share per data-parallel
-device) and compiles once per (micro-batch count, row length), so both come from small sets: row lengths
-from the configured buckets (`row_length_buckets`: 16 per octave), micro-batch counts from
-`micro_batch_count` (at most four significant bits). Of those shapes a batch takes the one with the fewest
-token slots (ties: fewer micro-batches, i.e. fewer weight gathers) into which first-fit-decreasing fits its
-items, so that the row count needs no rounding up. Items are then spread over exactly that many rows by
-first-fit-decreasing into the smallest row capacity that still fits them (at most `MAX_SEGMENTS_PER_ROW`
-sequences per row). Rows are ordered by load and dealt to the micro-batches' row slots back and forth, so each
-device's rows hold about the same number of tokens (as verl's sequence-length balancing): the cuDNN kernel's
-attention work follows the real tokens, and devices wait for the busiest.
+device), all rows of a micro-batch of one length from the configured buckets (`row_length_buckets`: 16 per
+octave), and compiles once per (micro-batches, row length) of each run of micro-batches of one length.
+`row_lengths` gives each row's length; the arrays are as wide as the longest, shorter rows padded on the host
+only. A batch takes the first of two plans, or the second where
+it saves `MIXED_LENGTHS_SAVING` of the token slots (it compiles more row lengths, sooner):
+- one length: the fewest slots (ties: fewer rows) into which first-fit-decreasing fits the items, with a
+  micro-batch count from `micro_batch_count` (at most four significant bits: few shapes), spread over
+  exactly that many rows by first-fit-decreasing into the smallest row capacity that still fits them (MULTIFIT);
+- mixed lengths: micro-batch after micro-batch, longest items first, the length whose first-fit filling leaves
+  the fewest slots for the rest (a few fullest fillings tried ahead). With few micro-batches per mini-batch (the
+  dry run: 64 sequences of up to 8192 tokens on 8 devices) one length wastes most of a micro-batch; shorter last
+  micro-batches take the rest.
+At most `MAX_SEGMENTS_PER_ROW` sequences share a row. A micro-batch's rows are spread evenly and dealt to its
+row slots by load, back and forth from one micro-batch to the next, so each device's rows hold about the same
+number of tokens (as verl's sequence-length balancing): the cuDNN kernel's attention work follows the real
+tokens, and devices wait for the busiest.
 """
 from __future__ import annotations
 
@@ -38,6 +45,10 @@ from kimina_jax.models.attention import FLASH_BLOCK, MAX_SEGMENTS_PER_ROW
 
 # Row lengths per octave of `row_length_buckets`: rows overshoot what a batch needs by about 1/16 at most.
 BUCKETS_PER_OCTAVE = 16
+# Row lengths tried for each micro-batch of a mixed-length plan, its fullest fillings: more pack tighter, slower.
+LOOKAHEAD = 4
+# Mixed row lengths compile the train step for more lengths, sooner: taken where they save this share of the slots.
+MIXED_LENGTHS_SAVING = 0.02
 
 
 class PackItem(NamedTuple):
@@ -68,6 +79,7 @@ class PackedBatch:
     item_start: np.ndarray  # int32 [items]: the column where item i's prompt starts
     item_length: np.ndarray  # int32 [items]: prompt + response tokens
     item_prompt_length: np.ndarray  # int32 [items]
+    row_lengths: np.ndarray  # int32 [rows]: the slots of each row the train step computes (the rest are padding)
     rollout_logp: np.ndarray | None = None  # float32 [rows, length]; None when no item carried them
 
     @property
@@ -76,6 +88,7 @@ class PackedBatch:
 
     @property
     def row_length(self) -> int:
+        """The longest row's length: the arrays' width."""
         return self.tokens.shape[1]
 
     @property
@@ -84,8 +97,24 @@ class PackedBatch:
 
     @property
     def padding_fraction(self) -> float:
-        """Share of the batch's token slots that hold no item token."""
-        return float(np.mean(self.segment_ids == 0))
+        """Share of the token slots the train step computes (`row_lengths`) that hold no item token."""
+        return 1 - float(np.sum(self.segment_ids > 0)) / float(np.sum(self.row_lengths))
+
+    def micro_batches(self, rows_multiple: int) -> list[tuple[slice, int]]:
+        """(rows, row length) of each micro-batch, `rows_multiple` consecutive rows of one length, in order.
+        Raises KiminaError where the rows do not cut that way."""
+        if self.num_rows % rows_multiple:
+            raise KiminaError(f"packed batch has {self.num_rows} rows, not a multiple of {rows_multiple} (micro-batch "
+                              "rows x data-parallel devices): pack with rows_multiple=TrainStep.rows_multiple")
+        micro_batches = []
+        for start in range(0, self.num_rows, rows_multiple):
+            lengths = set(self.row_lengths[start : start + rows_multiple].tolist())
+            if len(lengths) > 1:
+                raise KiminaError(f"packed batch rows {start}-{start + rows_multiple - 1} (one micro-batch of "
+                                  f"{rows_multiple}) have different lengths {sorted(lengths)}: pack with "
+                                  "rows_multiple=TrainStep.rows_multiple")
+            micro_batches.append((slice(start, start + rows_multiple), lengths.pop()))
+        return micro_batches
 
     def token_arrays(self) -> dict[str, np.ndarray]:
         """Every [rows, length] array by name (the optional log-probs only when present), e.g. to device_put
@@ -123,7 +152,7 @@ def row_length_buckets(max_length: int, min_length: int = 256) -> tuple[int, ...
 
 def micro_batch_count(needed: int) -> int:
     """The smallest micro-batch count >= `needed` with at most four significant bits (1-16, 18, 20, ..., 32, 36,
-    ...): eight per octave, so compilations stay few while rounding up wastes less than a power of two's."""
+    ...): eight per octave, so that one-length plans meet few (micro-batches, row length) shapes."""
     shift = max(0, needed.bit_length() - 4)
     return max(1, -(-needed >> shift) << shift)
 
@@ -135,10 +164,11 @@ def pack_samples(
     loss_agg_mode: str,
     max_response_len: int | None = None,
     rows_multiple: int = 1,
+    mixed_lengths: bool = True,
     pad_id: int = 0,
 ) -> PackedBatch:
-    """Pack one mini-batch of items into rows of one bucket length, `rows_multiple` x `micro_batch_count(...)`
-    of them (see the module docstring).
+    """Pack one mini-batch of items into micro-batches of `rows_multiple` rows, each of one bucket length (see the
+    module docstring); `mixed_lengths=False`: all of one length.
 
     `max_response_len` is the L of `seq-mean-token-sum-norm`. Deterministic: the same items give the same
     batch. Raises KiminaError for an item longer than the largest bucket, an empty prompt, log-prob arrays
@@ -151,10 +181,11 @@ def pack_samples(
         raise KiminaError(f"rows_multiple must be >= 1, got {rows_multiple}")
     _check_items(items)
     lengths = [len(item.prompt_ids) + len(item.response_ids) for item in items]
-    row_length, num_rows, fitted = _pick_shape(row_buckets, lengths, rows_multiple)
-    rows = _deal(_spread(lengths, row_length, num_rows, fitted), lengths, rows_multiple)
+    plan = _plan(row_buckets, lengths, rows_multiple, mixed_lengths)
+    rows = [row for _, micro in plan for row in micro]
+    row_lengths = np.array([length for length, micro in plan for _ in micro], np.int32)
 
-    shape = (num_rows, row_length)
+    shape = (len(rows), int(row_lengths.max()))
     tokens = np.full(shape, pad_id, np.int32)
     targets = np.full(shape, pad_id, np.int32)
     positions = np.zeros(shape, np.int32)
@@ -213,6 +244,7 @@ def pack_samples(
         item_start=item_start,
         item_length=np.array(lengths, np.int32),
         item_prompt_length=np.array([len(item.prompt_ids) for item in items], np.int32),
+        row_lengths=row_lengths,
         rollout_logp=rollout_logp,
     )
 
@@ -244,78 +276,141 @@ def _pick_bucket(row_buckets: Sequence[int], lengths: list[int]) -> int:
     return fitting[0]
 
 
-def _pick_shape(
-    row_buckets: Sequence[int], lengths: list[int], rows_multiple: int
-) -> tuple[int, int, list[list[int]]]:
-    """(row length, rows, first-fit-decreasing's rows there): the fewest token slots (ties: fewer rows) into
-    which first-fit-decreasing fits the items, rows being `rows_multiple` x a `micro_batch_count`."""
+Plan = list[tuple[int, list[list[int]]]]  # micro-batches: (row length, item indices of each row)
+
+
+def _plan(row_buckets: Sequence[int], lengths: list[int], rows_multiple: int, mixed_lengths: bool) -> Plan:
+    """The micro-batches, longest rows first, each row's items spread and the rows dealt (`_deal`): the
+    one-length plan, or (`mixed_lengths`) the mixed-length plan where it saves `MIXED_LENGTHS_SAVING` of the
+    slots."""
     shortest = _pick_bucket(row_buckets, lengths)
-    buckets = sorted(bucket for bucket in set(row_buckets) if bucket >= shortest)
-    total = sum(lengths)
-    needed = max(-(-total // (rows_multiple * buckets[-1])), -(-len(lengths) // (rows_multiple * MAX_SEGMENTS_PER_ROW)))
-    micro = micro_batch_count(needed)
-    best = None  # (slots, row length, rows, packing)
+    buckets = sorted(set(row_buckets))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    best = _one_length(lengths, order, [bucket for bucket in buckets if bucket >= shortest], rows_multiple)
+    target = (1 - MIXED_LENGTHS_SAVING) * _slots(best)
+    if mixed_lengths and sum(lengths) <= target:  # else no plan can save that much
+        mixed = _mixed_lengths(lengths, order, buckets, rows_multiple)
+        best = mixed if _slots(mixed) <= target else best
+    return _deal([(length, _spread(lengths, rows)) for length, rows in best], lengths)
+
+
+def _slots(plan: Plan) -> int:
+    return sum(len(rows) * length for length, rows in plan)
+
+
+def _one_length(lengths: list[int], order: list[int], buckets: list[int], rows_multiple: int) -> Plan:
+    """All rows of one length: the fewest token slots (ties: fewer rows) into which first-fit-decreasing fits the
+    items, rows being `rows_multiple` x a `micro_batch_count`; the rows' loads evened out (`_spread`) and cut, by
+    load, into micro-batches of similar rows."""
+    total, shortest = sum(lengths), buckets[0]
+    micro = micro_batch_count(max(-(-total // (rows_multiple * buckets[-1])),
+                                  -(-len(lengths) // (rows_multiple * MAX_SEGMENTS_PER_ROW))))
+    best = None  # (slots, row length, rows)
     # More rows cost at least `shortest` each, so once those alone reach the best, nothing better follows; at one
     # row per item everything fits, so the loop ends.
     while best is None or rows_multiple * micro * shortest < best[0]:
-        rows = rows_multiple * micro
+        num_rows = rows_multiple * micro
         for length in buckets:
-            if length * rows < total:
+            if length * num_rows < total:
                 continue
-            if best is not None and length * rows >= best[0]:
+            if best is not None and length * num_rows >= best[0]:
                 break
-            fitted = _first_fit_decreasing(lengths, length, max_rows=rows)
-            if fitted is not None:
-                best = (length * rows, length, rows, fitted)
+            rows, left = _first_fit(lengths, order, length, num_rows)
+            if not left:
+                best = (length * num_rows, length, rows)
                 break
         micro = micro_batch_count(micro + 1)
-    return best[1:]
+    _, length, rows = best
+    rows = sorted(_spread(lengths, rows), key=lambda row: -_load(lengths, row))
+    return [(length, rows[start : start + rows_multiple]) for start in range(0, len(rows), rows_multiple)]
 
 
-def _first_fit_decreasing(lengths: list[int], capacity: int, max_rows: int | None = None) -> list[list[int]] | None:
-    """Item indices per row: longest first (ties by index), each into the first row with room for its tokens and
-    one more segment (the cuDNN attention kernel takes at most `MAX_SEGMENTS_PER_ROW` per row). None where that
-    takes more than `max_rows` rows."""
-    limit = len(lengths) if max_rows is None else min(max_rows, len(lengths))
-    # One row past the limit, always empty, so that every item finds a first row; taking it means too many rows.
-    free = np.full(limit + 1, capacity)
-    segments = np.zeros(limit + 1, np.int64)
-    rows: list[list[int]] = [[] for _ in range(limit + 1)]
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        row = int(np.argmax((free >= lengths[index]) & (segments < MAX_SEGMENTS_PER_ROW)))
-        if row == limit:
-            return None
-        rows[row].append(index)
-        free[row] -= lengths[index]
-        segments[row] += 1
-    return [members for members in rows if members]
+def _mixed_lengths(lengths: list[int], order: list[int], buckets: list[int], rows_multiple: int) -> Plan:
+    """Micro-batches of their own row lengths, longest items first: each takes, of its `LOOKAHEAD` fullest
+    fillings (`_fillings`), the one after which filling the rest fullest-first needs the shortest rows in all;
+    the lengths sorted, longest first, so that micro-batches of one length follow each other."""
+    plan, remaining = [], order
+    while remaining:
+        options = _fillings(lengths, remaining, buckets, rows_multiple)[:LOOKAHEAD]
+        length, rows, remaining = min(options, key=lambda option: option[0] + _fullest_first(lengths, option[2],
+                                                                                             buckets, rows_multiple))
+        plan.append((length, rows))
+    return sorted(plan, key=lambda micro: -micro[0])
 
 
-def _spread(lengths: list[int], capacity: int, num_rows: int, fitted: list[list[int]]) -> list[list[int]]:
-    """Item indices over exactly `num_rows` rows, the fullest as empty as first-fit-decreasing gets it: a binary
-    search over the row capacity (MULTIFIT), so that the rows, and with them the devices, carry similar loads.
-    `fitted`: first-fit-decreasing's rows at `capacity` (found by `_pick_shape`), the answer when none smaller
-    fits."""
-    rows = fitted
-    low, high = max(max(lengths), -(-sum(lengths) // num_rows)), capacity
+def _fullest_first(lengths: list[int], remaining: list[int], buckets: list[int], rows_multiple: int) -> int:
+    """The sum of the row lengths of micro-batches taking `remaining`, each the fullest filling of what is left."""
+    total = 0
+    while remaining:
+        length, _, remaining = _fillings(lengths, remaining, buckets, rows_multiple)[0]
+        total += length
+    return total
+
+
+def _fillings(
+    lengths: list[int], remaining: list[int], buckets: list[int], rows_multiple: int
+) -> list[tuple[int, list[list[int]], list[int]]]:
+    """(row length, rows, items left) of `_first_fit` into one micro-batch, for each bucket from the longest
+    remaining item's up to the first that takes them all; the fullest (tokens / slots) first, ties shorter."""
+    fillings = []
+    for length in buckets:
+        if length < lengths[remaining[0]]:
+            continue
+        rows, left = _first_fit(lengths, remaining, length, rows_multiple)
+        fillings.append((length, rows, left))
+        if not left:
+            break
+    return sorted(fillings, key=lambda filling: -sum(_load(lengths, row) for row in filling[1]) / filling[0])
+
+
+def _first_fit(lengths: list[int], order: list[int], capacity: int, num_rows: int) -> tuple[list[list[int]], list[int]]:
+    """The items of `order`, in that order, each into the first of `num_rows` rows with room for its tokens and
+    one more segment (the cuDNN attention kernel takes at most `MAX_SEGMENTS_PER_ROW` per row); the rows and the
+    items that fit none, in order. Plain lists: faster than array operations over the few rows of a micro-batch."""
+    free, segments = [capacity] * num_rows, [0] * num_rows
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    left = []
+    for index in order:
+        length = lengths[index]
+        for row in range(num_rows):
+            if free[row] >= length and segments[row] < MAX_SEGMENTS_PER_ROW:
+                rows[row].append(index)
+                free[row] -= length
+                segments[row] += 1
+                break
+        else:
+            left.append(index)
+    return rows, left
+
+
+def _spread(lengths: list[int], rows: list[list[int]]) -> list[list[int]]:
+    """The same items over as many rows, the fullest as empty as first-fit-decreasing gets it: a binary search over
+    the row capacity (MULTIFIT), so that the rows, and with them the devices, carry similar loads; `rows` where
+    none fills less than their fullest."""
+    members = sorted((index for row in rows for index in row), key=lambda i: (-lengths[i], i))
+    if not members:
+        return rows
+    low = max(lengths[members[0]], -(-sum(lengths[i] for i in members) // len(rows)))
+    high = max(_load(lengths, row) for row in rows)
     while low < high:
         middle = (low + high) // 2
-        found = _first_fit_decreasing(lengths, middle, max_rows=num_rows)
-        if found is None:
+        found, left = _first_fit(lengths, members, middle, len(rows))
+        if left:
             low = middle + 1
         else:
             high, rows = middle, found
-    return rows + [[] for _ in range(num_rows - len(rows))]
+    return rows
 
 
-def _deal(rows: list[list[int]], lengths: list[int], rows_multiple: int) -> list[list[int]]:
-    """The rows by load, heaviest first, dealt to the `rows_multiple` row slots of each micro-batch in turn
-    forwards and backwards: each micro-batch's rows (one device's share each) carry similar loads, and every
-    slot about the same total."""
-    loads = [sum(lengths[index] for index in members) for members in rows]
-    order = sorted(range(len(rows)), key=lambda row: (-loads[row], row))
+def _deal(plan: Plan, lengths: list[int]) -> Plan:
+    """Each micro-batch's rows by load, heaviest first, backwards in every other micro-batch: the rows of a
+    micro-batch go to the devices in turn, so each device's row slot carries about the same total."""
     dealt = []
-    for micro, start in enumerate(range(0, len(order), rows_multiple)):
-        chunk = order[start : start + rows_multiple]
-        dealt += chunk[::-1] if micro % 2 else chunk
-    return [rows[row] for row in dealt]
+    for index, (length, rows) in enumerate(plan):
+        rows = sorted(rows, key=lambda row: -_load(lengths, row))
+        dealt.append((length, rows[::-1] if index % 2 else rows))
+    return dealt
+
+
+def _load(lengths: list[int], row: list[int]) -> int:
+    return sum(lengths[index] for index in row)

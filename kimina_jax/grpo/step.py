@@ -1,15 +1,15 @@
-"""The GRPO update (SPEC 3): one jitted call per mini-batch, sharded over a device mesh.
+"""The GRPO update (SPEC 3): jitted calls over a mini-batch's micro-batches, sharded over a device mesh.
 
 A mini-batch arrives as one `PackedBatch` whose `loss_weights` already hold the mini-batch normalisers, so
-its loss is sum(loss_weights * token loss) over all its rows. The rows are cut into micro-batches of
-`rows_multiple` rows (`algorithm.micro_batch_rows` per data-parallel shard); a loop inside the jitted call
-adds up the micro-batches' gradients, so the update does not depend on how the rows are cut.
+its loss is sum(loss_weights * token loss) over all its rows. The rows come in micro-batches of `rows_multiple`
+rows (`algorithm.micro_batch_rows` per data-parallel shard), each of one row length. One jitted call per run of
+micro-batches of one length adds their gradient and metric sums to the running totals (a loop inside the call;
+the totals donated, updated in place), and one more applies the optimizer, so the update does not depend on how
+the rows are cut.
 
-Compilations: a jitted call compiles once per (micro-batches, row length). The row length comes from the
-packing buckets; the micro-batch count is rounded up to a `packing.micro_batch_count` (eight per octave) by
-padding with empty micro-batches that the loop never runs, so varying row counts reuse a few compiled shapes.
-`pack_samples` already picks such counts, so batches it packs carry no empty micro-batches to the devices.
-`TrainStep.compilations` counts the compilations.
+Compilations: the gradient pass and the log-prob pass compile once per (micro-batches, row length) of a run
+(`pack_samples` keeps both in small sets), the optimizer step and the zeroed totals once.
+`TrainStep.compilations` counts them.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.grpo.logprobs import token_logprobs
 from kimina_jax.grpo.math import grpo_loss
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
-from kimina_jax.grpo.packing import PackedBatch, micro_batch_count
+from kimina_jax.grpo.packing import PackedBatch
 from kimina_jax.models import Qwen3ForCausalLM
 from kimina_jax.parallel import logical_sharding, make_mesh, num_shards, param_shardings
 
@@ -72,26 +72,21 @@ def micro_batch_loss(
 def accumulate_gradients(
     graphdef: nnx.GraphDef,
     params: nnx.State,
+    totals: tuple[nnx.State, dict[str, jax.Array]],
     micro_batches: dict[str, jax.Array],
-    num_micro: jax.Array,
     algorithm: AlgorithmConfig,
     temperature: float,
 ) -> tuple[nnx.State, dict[str, jax.Array]]:
-    """Gradient of the mini-batch loss and the metric sums, summed over the first `num_micro` micro-batches
-    of `micro_batches` ([n, rows, length] arrays); the weights are pre-normalised, so sums are the totals."""
-
-    def micro_loss(p, micro):
-        return micro_batch_loss(nnx.merge(graphdef, p), micro, algorithm, temperature)
-
-    grad_fn = jax.grad(micro_loss, has_aux=True)
-    sums_shape = jax.eval_shape(micro_loss, params, _micro_batch(micro_batches, 0))[1]
-    zero = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, sums_shape))
+    """`totals` (gradients, metric sums) plus those of the loss of each micro-batch of `micro_batches` ([n, rows,
+    length] arrays); the weights are pre-normalised, so the sums over a mini-batch's micro-batches are its own."""
+    grad_fn = jax.grad(
+        lambda p, micro: micro_batch_loss(nnx.merge(graphdef, p), micro, algorithm, temperature), has_aux=True
+    )
 
     def body(index, totals):
-        grads, sums = grad_fn(params, _micro_batch(micro_batches, index))
-        return jax.tree.map(jnp.add, totals, (grads, sums))
+        return jax.tree.map(jnp.add, totals, grad_fn(params, _micro_batch(micro_batches, index)))
 
-    return jax.lax.fori_loop(0, num_micro, body, zero)
+    return jax.lax.fori_loop(0, micro_batches["tokens"].shape[0], body, totals)
 
 
 class TrainStep:
@@ -130,19 +125,32 @@ class TrainStep:
         self.state_shardings = self._state_shardings(params)
         self.compilations: collections.Counter[str] = collections.Counter()
 
+        # The arrays `update` takes from a packed batch.
+        self.update_inputs = (*UPDATE_INPUTS, *("ref_logp",) * algorithm.kl.enabled,
+                              *("rollout_logp",) * self.uses_rollout_logp)
+
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._micro_sharding = logical_sharding(self.mesh, (None, "batch", "length"))
-        self._update = jax.jit(
-            self._update_fn,
-            in_shardings=(self.state_shardings, self._micro_sharding, replicated, replicated),
+        totals = (self.state_shardings.params, replicated)
+        self._zero_totals = jax.jit(self._zero_totals_fn, in_shardings=(self.state_shardings.params,),
+                                    out_shardings=totals)
+        self._accumulate = jax.jit(
+            self._accumulate_fn,
+            in_shardings=(self.state_shardings.params, totals, self._micro_sharding),
+            out_shardings=totals,
+            donate_argnums=1,
+        )
+        self._apply = jax.jit(
+            self._apply_fn,
+            in_shardings=(self.state_shardings, totals, replicated),
             out_shardings=(self.state_shardings, replicated),
-            donate_argnums=0,
+            donate_argnums=0,  # the totals too would find no output to reuse their buffers
         )
         self._logprobs = jax.jit(
             self._logprobs_fn,
-            in_shardings=(self.state_shardings.params, self._micro_sharding, replicated),
+            in_shardings=(self.state_shardings.params, self._micro_sharding),
             out_shardings=replicated,  # every process reads the whole result back
-            static_argnums=3,
+            static_argnums=2,
         )
 
     # ------------------------------------------------------------------------------------------- public
@@ -179,8 +187,12 @@ class TrainStep:
         (token mean) when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
         norm is not finite leaves parameters and optimizer state as they were.
         """
+        runs = self._device_runs(batch, self._update_names(batch))
         with jax.set_mesh(self.mesh):  # attention kernels split themselves by this mesh
-            return self._update(state, *self._update_arguments(batch, train_step))
+            totals = self._zero_totals(state.params)
+            for micro_batches in runs:  # dispatched without waiting: the calls queue on the devices
+                totals = self._accumulate(state.params, totals, micro_batches)
+            return self._apply(state, totals, self._replicated_scalar(train_step))
 
     def update_epochs(
         self, state: TrainState, batches: list[PackedBatch], train_step: int
@@ -197,9 +209,11 @@ class TrainStep:
         return state, {name: float(np.mean(values)) for name, values in totals.items()}
 
     def lower_update(self, state: TrainState, batch: PackedBatch) -> jax.stages.Lowered:
-        """`update` lowered for this batch's shapes, e.g. for `.compile().memory_analysis()`."""
+        """The gradient pass of the batch's first run of micro-batches (its longest rows) lowered, e.g. for
+        `.compile().memory_analysis()`: where activations peak."""
+        micro_batches = self._device_runs(batch, self._update_names(batch))[0]
         with jax.set_mesh(self.mesh):
-            return self._update.lower(state, *self._update_arguments(batch, 0))
+            return self._accumulate.lower(state.params, self._zero_totals(state.params), micro_batches)
 
     def logprobs(
         self, params: nnx.State, batch: PackedBatch, with_entropy: bool = False
@@ -207,20 +221,35 @@ class TrainStep:
         """[rows, length] log-probs of `batch.targets` under `params` (temperature applied), aligned like
         `batch.loss_mask`: `batch.response_values(...)` cuts them into per-response arrays. `with_entropy`:
         also the entropy of each position's full next-token distribution, from the same log-softmax."""
-        micro_batches, num_micro = self._device_micro_batches(batch, LOGPROB_INPUTS)
+        runs = self._device_runs(batch, LOGPROB_INPUTS)
         with jax.set_mesh(self.mesh):
-            out = jax.device_get(self._logprobs(params, micro_batches, num_micro, with_entropy))
-        values = tuple(np.asarray(a)[: int(num_micro)].reshape(batch.tokens.shape) for a in out)
-        return values if with_entropy else values[0]
+            values = jax.device_get([self._logprobs(params, micro_batches, with_entropy) for micro_batches in runs])
+        out = tuple(np.zeros(batch.tokens.shape, np.float32) for _ in range(1 + with_entropy))
+        for (rows, length), run_values in zip(self._runs(batch), values):
+            for array, value in zip(out, run_values):
+                array[rows, :length] = value.reshape(-1, length)
+        return out if with_entropy else out[0]
 
     # ------------------------------------------------------------------------------------ jitted bodies
-    def _update_fn(self, state: TrainState, micro_batches: dict[str, jax.Array], num_micro: jax.Array,
-                   train_step: jax.Array):
-        self.compilations["update"] += 1  # runs only while tracing, i.e. once per compiled shape
-        learning_rate = self.learning_rate(train_step)
-        grads, sums = accumulate_gradients(
-            self.graphdef, state.params, micro_batches, num_micro, self.algorithm, self.temperature
+    def _zero_totals_fn(self, params: nnx.State) -> tuple[nnx.State, dict[str, jax.Array]]:
+        self.compilations["zero_totals"] += 1  # runs only while tracing, i.e. once per compiled shape
+        micro = {name: jax.ShapeDtypeStruct((self.rows_multiple, 1), jnp.int32 if name in LOGPROB_INPUTS else
+                                            jnp.float32) for name in self.update_inputs}  # sums don't need more
+        _, sums = jax.eval_shape(
+            lambda p, m: micro_batch_loss(nnx.merge(self.graphdef, p), m, self.algorithm, self.temperature),
+            params, micro,
         )
+        return jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
+
+    def _accumulate_fn(self, params: nnx.State, totals: tuple[nnx.State, dict[str, jax.Array]],
+                       micro_batches: dict[str, jax.Array]):
+        self.compilations["update"] += 1
+        return accumulate_gradients(self.graphdef, params, totals, micro_batches, self.algorithm, self.temperature)
+
+    def _apply_fn(self, state: TrainState, totals: tuple[nnx.State, dict[str, jax.Array]], train_step: jax.Array):
+        self.compilations["apply"] += 1
+        grads, sums = totals
+        learning_rate = self.learning_rate(train_step)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(
@@ -249,8 +278,7 @@ class TrainStep:
         })
         return new_state, metrics
 
-    def _logprobs_fn(self, params: nnx.State, micro_batches: dict[str, jax.Array], num_micro: jax.Array,
-                     with_entropy: bool):
+    def _logprobs_fn(self, params: nnx.State, micro_batches: dict[str, jax.Array], with_entropy: bool):
         self.compilations["logprobs"] += 1
 
         def body(index, out):
@@ -263,26 +291,19 @@ class TrainStep:
 
         # (log-probs,) or (log-probs, entropies)
         out = (jnp.zeros(micro_batches["tokens"].shape, jnp.float32),) * (2 if with_entropy else 1)
-        return jax.lax.fori_loop(0, num_micro, body, out)
+        return jax.lax.fori_loop(0, micro_batches["tokens"].shape[0], body, out)
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _update_arguments(
-        self, batch: PackedBatch, train_step: int
-    ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    def _update_names(self, batch: PackedBatch) -> tuple[str, ...]:
+        """The arrays `update` takes, checked to be in the batch."""
         if batch.old_logp is None:
             raise KiminaError("TrainStep.update: the packed batch has no old_logp (pack items with old log-probs)")
-        names = UPDATE_INPUTS
-        if self.algorithm.kl.enabled:
-            if batch.ref_logp is None:
-                raise KiminaError("TrainStep.update: algorithm.kl.enabled but the packed batch has no ref_logp")
-            names = (*names, "ref_logp")
-        if self.uses_rollout_logp:
-            if batch.rollout_logp is None:
-                raise KiminaError("TrainStep.update: algorithm.off_policy with tis_cap > 0, but the packed batch has "
-                                  "no rollout_logp (pack items with the engine's log-probs)")
-            names = (*names, "rollout_logp")
-        micro_batches, num_micro = self._device_micro_batches(batch, names)
-        return micro_batches, num_micro, self._replicated_scalar(train_step)
+        if self.algorithm.kl.enabled and batch.ref_logp is None:
+            raise KiminaError("TrainStep.update: algorithm.kl.enabled but the packed batch has no ref_logp")
+        if self.uses_rollout_logp and batch.rollout_logp is None:
+            raise KiminaError("TrainStep.update: algorithm.off_policy with tis_cap > 0, but the packed batch has "
+                              "no rollout_logp (pack items with the engine's log-probs)")
+        return self.update_inputs
 
     def _state_shardings(self, abstract_params: nnx.State) -> TrainState:
         params = param_shardings(abstract_params, self.mesh)
@@ -298,33 +319,36 @@ class TrainStep:
         return TrainState(params=params, opt_state=opt_state, step=replicated, skipped_updates=replicated,
                           rng=replicated)
 
-    def _device_micro_batches(
-        self, batch: PackedBatch, names: tuple[str, ...]
-    ) -> tuple[dict[str, jax.Array], jax.Array]:
-        """The named arrays as [micro-batches (padded to a `micro_batch_count`), rows_multiple, length] on the
-        mesh, and the number of real micro-batches."""
-        rows, length = batch.tokens.shape
-        if rows % self.rows_multiple:
-            raise KiminaError(f"packed batch has {rows} rows, not a multiple of {self.rows_multiple} (micro-batch "
-                              "rows x data-parallel devices): pack with rows_multiple=TrainStep.rows_multiple")
-        num_micro = rows // self.rows_multiple
-        padded_micro = micro_batch_count(num_micro)
-        shape = (padded_micro, self.rows_multiple, length)
-        arrays = {}
-        for name in names:
-            host = np.zeros(shape, getattr(batch, name).dtype)
-            host[:num_micro] = getattr(batch, name).reshape(num_micro, self.rows_multiple, length)
-            # From the global host array, so it also works when the mesh spans several processes.
-            arrays[name] = jax.make_array_from_callback(shape, self._micro_sharding, lambda index, h=host: h[index])
-        return arrays, self._replicated_scalar(num_micro)
+    def _runs(self, batch: PackedBatch) -> list[tuple[slice, int]]:
+        """(rows, row length) of each run of consecutive micro-batches of one row length."""
+        runs = []
+        for rows, length in batch.micro_batches(self.rows_multiple):
+            if runs and runs[-1][1] == length:
+                rows = slice(runs.pop()[0].start, rows.stop)
+            runs.append((rows, length))
+        return runs
+
+    def _device_runs(self, batch: PackedBatch, names: tuple[str, ...]) -> list[dict[str, jax.Array]]:
+        """The named arrays of each run of micro-batches of one row length, [micro-batches, rows_multiple, its row
+        length], on the mesh."""
+        runs = []
+        for rows, length in self._runs(batch):
+            run = {}
+            for name in names:
+                host = getattr(batch, name)[rows, :length].reshape(-1, self.rows_multiple, length)
+                # From the global host array, so it also works when the mesh spans several processes.
+                run[name] = jax.make_array_from_callback(host.shape, self._micro_sharding,
+                                                         lambda index, h=host: h[index])
+            runs.append(run)
+        return runs
 
     def _replicated_scalar(self, value: int) -> jax.Array:
         return jax.make_array_from_callback((), NamedSharding(self.mesh, PartitionSpec()), lambda _: np.int32(value))
 
 
-def _micro_batch(micro_batches: dict[str, jax.Array], index) -> dict[str, jax.Array]:
-    return {name: jax.lax.dynamic_index_in_dim(array, index, keepdims=False) for name, array in micro_batches.items()}
-
-
 def _same_structure(node: Any, structure: jax.tree_util.PyTreeDef) -> bool:
     return isinstance(node, nnx.State) and jax.tree.structure(node) == structure
+
+
+def _micro_batch(micro_batches: dict[str, jax.Array], index) -> dict[str, jax.Array]:
+    return {name: jax.lax.dynamic_index_in_dim(array, index, keepdims=False) for name, array in micro_batches.items()}

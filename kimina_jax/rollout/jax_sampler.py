@@ -201,7 +201,7 @@ class _Batch:
     def _resize(self, decode: _Decode, window: int) -> _Decode:
         """`decode` with a cache of `window` slots, grown with empty slots or cut after the last written one.
         Array by array, each old one deleted once copied: the cache never exists twice."""
-        if window == decode.cache.segment_ids.shape[1]:
+        if window == decode.window:
             return decode
 
         def resized(array, axis):
@@ -209,11 +209,7 @@ class _Batch:
             array.delete()
             return new
 
-        cache = decode.cache
-        return decode._replace(cache=cache.replace(
-            keys=tuple(resized(a, 3) for a in cache.keys), values=tuple(resized(a, 2) for a in cache.values),
-            segment_ids=resized(cache.segment_ids, 1),
-        ))
+        return decode._replace(cache=decode.cache.map_slots(resized))
 
     def _admit(self, decode: _Decode | None) -> _Decode:
         """Prefill waiting rows into the free batch rows (the whole batch when `decode` is None). A prompt is
@@ -242,7 +238,7 @@ class _Batch:
         self.origin[at] = admitted
         if decode is None:
             return self.run_jitted.start(prefilled, *new_rows, max_tokens=self.params.max_tokens, slots=window)
-        decode = self._resize(decode, max(window, decode.cache.segment_ids.shape[1]))
+        decode = self._resize(decode, max(window, decode.window))
         at = np.concatenate([at, np.full(size - len(admitted), len(self.origin))])  # fillers: out of range, dropped
         return self.run_jitted.insert(decode, prefilled, *new_rows, jnp.asarray(at))
 
@@ -279,6 +275,11 @@ class _Decode(NamedTuple):
     count: jax.Array  # [B] int32: tokens generated per row
     done: jax.Array  # [B] bool: stopped, out of tokens, or free
     row_keys: jax.Array  # [B] keys: a row's draws depend on its (prompt, sample) and its token count only
+
+    @property
+    def window(self) -> int:
+        """Cache slots per row: a row may decode until its next token would land past them."""
+        return self.cache.segment_ids.shape[1]
 
 
 def _sampling_weights(state, dtype) -> tuple[Any, Any]:
@@ -351,12 +352,12 @@ def _prefill(graphdef, state, tokens, lengths) -> _Prefilled:
     (overwriting its padding) and share the prompt's segment id, so the cache mask hides only unwritten slots."""
     model = nnx.merge(graphdef, state)
     rows, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, rows, prompt_len, model.dtype).replace(window=prompt_len)
+    cache = KVCache.init(model.config, rows, prompt_len, model.dtype).replace(prefill=True)
     segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
     hidden, cache = model.hidden_states(tokens, positions, segments, cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return _Prefilled(cache=cache.replace(index=lengths, window=None), logits=model.logits(last))
+    return _Prefilled(cache=cache.replace(index=lengths), logits=model.logits(last))
 
 
 def _start(prefilled: _Prefilled, source, live, call_key, prompt_sample, *, max_tokens: int, slots: int) -> _Decode:
@@ -365,10 +366,7 @@ def _start(prefilled: _Prefilled, source, live, call_key, prompt_sample, *, max_
     take = functools.partial(jnp.take, indices=source, axis=0)
     batch = source.shape[0]
     row_keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(prompt_sample)
-    cache = jax.tree.map(take, prefilled.cache)
-    cache = cache.replace(keys=tuple(_resize_slots(a, axis=3, size=slots) for a in cache.keys),
-                          values=tuple(_resize_slots(a, axis=2, size=slots) for a in cache.values),
-                          segment_ids=_resize_slots(cache.segment_ids, axis=1, size=slots))
+    cache = jax.tree.map(take, prefilled.cache).map_slots(lambda a, axis: _resize_slots(a, axis=axis, size=slots))
     return _Decode(
         cache=cache, logits=take(prefilled.logits),
         tokens=jnp.zeros((batch, max_tokens), jnp.int32), logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
@@ -382,7 +380,7 @@ def _decode(
     """Decode until `stop_at` rows are done or a running row reaches the end of the cache (the window)."""
     model = nnx.merge(graphdef, state)
     batch, max_tokens = decode.tokens.shape
-    window = decode.cache.segment_ids.shape[1]
+    window = decode.window
 
     def step_once(d: _Decode) -> _Decode:
         live = ~d.done
@@ -410,7 +408,7 @@ def _decode(
 def _insert(decode: _Decode, prefilled: _Prefilled, source, live, call_key, prompt_sample, at) -> _Decode:
     """`decode` with its rows `at` replaced by new rows started as `_start` does (indices out of range: dropped)."""
     new = _start(prefilled, source, live, call_key, prompt_sample, max_tokens=decode.tokens.shape[1],
-                 slots=decode.cache.segment_ids.shape[1])
+                 slots=decode.window)
     return jax.tree.map(lambda old, rows: old.at[at].set(rows, mode="drop"), decode, new)
 
 

@@ -34,16 +34,15 @@ class KVCache:
 
     Rows advance independently (a sampler can start a new sequence in one row while the others go on).
 
-    `window` (static) is how many leading slots attention reads (None: all of them): a decoder that knows no
-    token beyond slot w is filled yet reads w slots instead of the whole capacity. A window equal to the number
-    of tokens written means a prefill of an empty cache: the new tokens attend among themselves (flash kernels).
+    `prefill` (static): the cache is empty, so the tokens written attend among themselves (flash kernels) instead
+    of through the cache; the cache a forward returns is not.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, slots] int32, 0 = empty
     index: jax.Array  # [batch] int32: slot where the row's next tokens are written
-    window: int | None = struct.field(pytree_node=False, default=None)
+    prefill: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
@@ -54,6 +53,11 @@ class KVCache:
             segment_ids=jnp.zeros((batch, slots), jnp.int32),
             index=jnp.zeros((batch,), jnp.int32),
         )
+
+    def map_slots(self, fn) -> "KVCache":
+        """The cache with `fn(array, axis)` applied to every array indexed by slot, `axis` being its slot axis."""
+        return self.replace(keys=tuple(fn(a, 3) for a in self.keys), values=tuple(fn(a, 2) for a in self.values),
+                            segment_ids=fn(self.segment_ids, 1))
 
 
 class RMSNorm(nnx.Module):
@@ -107,7 +111,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
-                 window=None):
+                 prefill=False):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim))
@@ -122,15 +126,13 @@ class Attention(nnx.Module):
         cached_k, cached_v = layer_cache
         k_all = write_rows(cached_k, k.transpose(0, 2, 3, 1).astype(cached_k.dtype), cache_index, axis=2)
         v_all = write_rows(cached_v, v.swapaxes(1, 2).astype(cached_v.dtype), cache_index, axis=1)
-        if window == t:  # prefill of an empty cache
+        if prefill:
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
         else:
-            slots = v_all.shape[2] if window is None else window
             q_slots = jnp.arange(t, dtype=jnp.int32)[None, :] + cache_index[:, None]
-            key_slots = jnp.arange(slots, dtype=jnp.int32)
-            mask = attention_mask(segment_ids, cache_segments[:, :slots], q_slots, key_slots)
-            out = cached_attention(q, k_all[..., :slots].astype(q.dtype), v_all[:, :, :slots].astype(q.dtype),
-                                   mask, scale)
+            key_slots = jnp.arange(v_all.shape[2], dtype=jnp.int32)
+            mask = attention_mask(segment_ids, cache_segments, q_slots, key_slots)
+            out = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
         return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
 
 
@@ -158,9 +160,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
-                 window=None):
+                 prefill=False):
         attn, new_cache = self.self_attn(
-            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments, window
+            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments, prefill
         )
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
@@ -205,7 +207,7 @@ class Qwen3Model(nnx.Module):
                 x = _constrain_hidden(x)
                 continue
             x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
-                                      cache_segments, cache.window)
+                                      cache_segments, cache.prefill)
             new_keys.append(keys)
             new_values.append(values)
         new_cache = None
@@ -215,7 +217,6 @@ class Qwen3Model(nnx.Module):
                 values=tuple(new_values),
                 segment_ids=cache_segments,
                 index=cache.index + input_ids.shape[1],
-                window=cache.window,
             )
         return self.norm(x), new_cache
 
