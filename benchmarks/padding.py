@@ -4,8 +4,8 @@ For a recipe's mini-batch (`ppo_mini_batch_size` prompts x `rollout.n` responses
 length buckets) on `--devices` data-parallel devices (`rows_multiple` = devices x `algorithm.micro_batch_rows`),
 `--batches` mini-batches of random lengths are packed and the table gives, min / mean / max over them:
 - padded slots: slots of the computed (and transferred) micro-batches that hold no token, 1 - tokens / slots;
-- one length: the same for the best plan of rows of one length (`_one_length`), which `pack_samples` leaves for
-  mixed row lengths where those save 2% of the slots;
+- one length: the same packed with `mixed_lengths=False` (one row length per mini-batch), which `pack_samples`
+  leaves for mixed row lengths where those save 2% of the slots;
 - mixed: mini-batches packed with several row lengths; shapes: distinct (micro-batches, row length) of the runs
   of micro-batches of one length, each a compilation of the gradient pass and of the log-prob pass; pack s:
   seconds per `pack_samples` call.
@@ -18,12 +18,13 @@ the maximum (`lognormal`, a few percent cut at the maximum) or uniform up to it 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
 
 from kimina_jax.config import ENV_URL, load_config
-from kimina_jax.grpo import PackItem, pack_samples, packing, row_length_buckets
+from kimina_jax.grpo import PackItem, pack_samples, row_length_buckets
 
 
 def response_lengths(rng: np.random.Generator, kind: str, n: int, max_response: int) -> np.ndarray:
@@ -50,16 +51,13 @@ def measure(recipe: str, kind: str, devices: int, batches: int, seed: int) -> di
             prompt = int(np.clip(rng.lognormal(np.log(400), 0.5), 16, data.max_prompt_length))
             for response in response_lengths(rng, kind, cfg.rollout.n, data.max_response_length):
                 items.append(PackItem([1] * prompt, [2] * int(response), 0.0))
+        pack = functools.partial(pack_samples, items, buckets, loss_agg_mode=algorithm.loss_agg_mode,
+                                 max_response_len=algorithm.loss_norm_length, rows_multiple=rows_multiple)
         start = time.perf_counter()
-        batch = pack_samples(items, buckets, loss_agg_mode=algorithm.loss_agg_mode,
-                             max_response_len=algorithm.loss_norm_length, rows_multiple=rows_multiple)
+        batch = pack()
         seconds.append(time.perf_counter() - start)
         padded.append(batch.padding_fraction)
-        lengths = [len(item.prompt_ids) + len(item.response_ids) for item in items]
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        fitting = [bucket for bucket in buckets if bucket >= lengths[order[0]]]
-        one_length.append(1 - sum(lengths) / packing._slots(packing._one_length(lengths, order, fitting,
-                                                                                 rows_multiple)))
+        one_length.append(pack(mixed_lengths=False).padding_fraction)
         micro_lengths = [length for _, length in batch.micro_batches(rows_multiple)]
         mixed += len(set(micro_lengths)) > 1
         shapes.update((micro_lengths.count(length), length) for length in micro_lengths)

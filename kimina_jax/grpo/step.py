@@ -190,7 +190,7 @@ class TrainStep:
         runs = self._device_runs(batch, self._update_names(batch))
         with jax.set_mesh(self.mesh):  # attention kernels split themselves by this mesh
             totals = self._zero_totals(state.params)
-            for micro_batches in runs:  # dispatched without waiting: the calls queue on the devices
+            for _, micro_batches in runs:  # dispatched without waiting: the calls queue on the devices
                 totals = self._accumulate(state.params, totals, micro_batches)
             return self._apply(state, totals, self._replicated_scalar(train_step))
 
@@ -211,7 +211,7 @@ class TrainStep:
     def lower_update(self, state: TrainState, batch: PackedBatch) -> jax.stages.Lowered:
         """The gradient pass of the batch's first run of micro-batches (its longest rows) lowered, e.g. for
         `.compile().memory_analysis()`: where activations peak."""
-        micro_batches = self._device_runs(batch, self._update_names(batch))[0]
+        _, micro_batches = self._device_runs(batch, self._update_names(batch))[0]
         with jax.set_mesh(self.mesh):
             return self._accumulate.lower(state.params, self._zero_totals(state.params), micro_batches)
 
@@ -223,9 +223,9 @@ class TrainStep:
         also the entropy of each position's full next-token distribution, from the same log-softmax."""
         runs = self._device_runs(batch, LOGPROB_INPUTS)
         with jax.set_mesh(self.mesh):
-            values = jax.device_get([self._logprobs(params, micro_batches, with_entropy) for micro_batches in runs])
+            values = jax.device_get([self._logprobs(params, micro_batches, with_entropy) for _, micro_batches in runs])
         out = tuple(np.zeros(batch.tokens.shape, np.float32) for _ in range(1 + with_entropy))
-        for (rows, length), run_values in zip(self._runs(batch), values):
+        for ((rows, length), _), run_values in zip(runs, values):
             for array, value in zip(out, run_values):
                 array[rows, :length] = value.reshape(-1, length)
         return out if with_entropy else out[0]
@@ -319,27 +319,25 @@ class TrainStep:
         return TrainState(params=params, opt_state=opt_state, step=replicated, skipped_updates=replicated,
                           rng=replicated)
 
-    def _runs(self, batch: PackedBatch) -> list[tuple[slice, int]]:
-        """(rows, row length) of each run of consecutive micro-batches of one row length."""
-        runs = []
+    def _device_runs(
+        self, batch: PackedBatch, names: tuple[str, ...]
+    ) -> list[tuple[tuple[slice, int], dict[str, jax.Array]]]:
+        """Each run of consecutive micro-batches of one row length: its (rows, row length) and its named arrays,
+        [micro-batches, rows_multiple, row length], on the mesh."""
+        spans = []
         for rows, length in batch.micro_batches(self.rows_multiple):
-            if runs and runs[-1][1] == length:
-                rows = slice(runs.pop()[0].start, rows.stop)
-            runs.append((rows, length))
-        return runs
-
-    def _device_runs(self, batch: PackedBatch, names: tuple[str, ...]) -> list[dict[str, jax.Array]]:
-        """The named arrays of each run of micro-batches of one row length, [micro-batches, rows_multiple, its row
-        length], on the mesh."""
+            if spans and spans[-1][1] == length:
+                rows = slice(spans.pop()[0].start, rows.stop)
+            spans.append((rows, length))
         runs = []
-        for rows, length in self._runs(batch):
+        for rows, length in spans:
             run = {}
             for name in names:
                 host = getattr(batch, name)[rows, :length].reshape(-1, self.rows_multiple, length)
                 # From the global host array, so it also works when the mesh spans several processes.
                 run[name] = jax.make_array_from_callback(host.shape, self._micro_sharding,
                                                          lambda index, h=host: h[index])
-            runs.append(run)
+            runs.append(((rows, length), run))
         return runs
 
     def _replicated_scalar(self, value: int) -> jax.Array:
