@@ -25,10 +25,11 @@ seconds and of the ratios, and compares the median ratio with the issue's goal.
 - compiles (peerless): XLA compilations (jax.monitoring's backend-compile events) and their seconds during
   training step 2 of the tiny recipe (stand-in verifier), after step 1 compiled what it needed.
 - offpolicy: pipeline.py's step time (its defaults: 16 prompts x 4 samples x <= 128 tokens, 8 stand-in REPLs
-  in the real Lean server answering each proof after 0.25 s), `off-policy` (ours) vs `sync` (the peer). Each
-  round builds a fresh trainer per mode, whose first step (the compile) is untimed, and takes the median of
-  `--offpolicy-steps` steps: two trainers alive at once would not do, as the off-policy one generates the next
-  step in the background while the other would be timed.
+  in the real Lean server answering each proof after 0.25 s, the recipes' verifier batching), `off-policy`
+  (ours) vs `sync` (the peer). Each round builds a fresh trainer per mode, whose first step (the compile) is
+  untimed, and takes the mean of `--offpolicy-steps` steps after pipeline.py's untimed warm-up steps: two trainers
+  alive at once would not do, as the off-policy one generates the next step in the background while the other
+  would be timed.
 """
 from __future__ import annotations
 
@@ -171,21 +172,20 @@ def step2_compilations() -> tuple[int, float, list[str]]:
     return len(compiled), sum(d for _, d in compiled), [f"{name} x{count}" for name, count in sorted(counts.items())]
 
 
-def offpolicy_pair(steps: int, chunks: int = 2) -> Pair:
+def offpolicy_pair(steps: int) -> Pair:
     import pipeline
     from tests.lean_harness.server import LeanServer
     from tests.lean_harness.venv import ensure_server_venv
 
-    # pipeline.py's defaults: 16 prompts x 4 samples x <= 128 tokens, 8 REPLs answering each proof after 0.25 s.
-    args = argparse.Namespace(steps=steps, prompts=16, n=4, max_tokens=128, latency_s=0.25, repls=8)
+    args = pipeline.parse_args(["--steps", str(steps)])  # pipeline.py's defaults
     server = LeanServer(ensure_server_venv(), Path(tempfile.mkdtemp(prefix="paired-lean-")), max_repls=args.repls)
     server.start()
 
     def mode(overrides: list[str]) -> Side:
         return lambda round_index: (pipeline.run_mode(args, server.url, overrides)["step"], 1.0)
 
-    return Pair(mode([f"rollout.overlap_chunks={chunks}", "algorithm.off_policy=true"]),
-                mode(["rollout.overlap_chunks=1"]), f"step s, median of {steps} per round", server.stop)
+    return Pair(mode([f"rollout.overlap_chunks={args.chunks}", "algorithm.off_policy=true"]),
+                mode(["rollout.overlap_chunks=1"]), f"step s, mean of {steps} per round", server.stop)
 
 
 # name -> (goal: least median ratio, builder). `compiles` is peerless and handled apart.
@@ -228,7 +228,7 @@ def main() -> None:
                              "decode loop per batch size and window it meets; a training run meets them at its first "
                              "steps and reuses them after)")
     parser.add_argument("--tokens-29m", type=int, default=2048, help="update-29m: tokens per update")
-    parser.add_argument("--offpolicy-steps", type=int, default=2, help="offpolicy: measured steps per mode and round")
+    parser.add_argument("--offpolicy-steps", type=int, default=4, help="offpolicy: measured steps per mode and round")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -1,17 +1,23 @@
 """Wall time of a full training step split by phase: synchronous vs overlapped rollouts vs one-step off-policy.
 
-    python benchmarks/pipeline.py [--steps 5] [--prompts 16] [--n 4] [--max-tokens 128] [--latency-s 0.25]
-                                  [--repls 8] [--chunks 2]
+    python benchmarks/pipeline.py [--steps 5] [--warmup 5] [--prompts 16] [--n 4] [--max-tokens 128]
+                                  [--latency-s 0.25] [--repls 8] [--chunks 2] [--verifier-batch 8] [--in-flight 40]
 
 The tiny recipe on CPU (random tiny Qwen3, JAX sampler) against the real Kimina Lean Server (kimina-ast-server,
 tests/lean_harness) with the stand-in REPL, NOT Lean. The random model writes no proofs, so each completion's
 text is replaced, before scoring, by a response holding a proof of its statement with a stand-in directive that
 makes the REPL answer after `--latency-s` seconds: every sample costs one Lean check of fixed latency (the
-rewards mean nothing). Modes:
+rewards mean nothing). The client sends the recipes' `verifier.batch_size` (8) proofs per request with up to their
+`verifier.max_in_flight` (40) requests in flight, so the server always holds proofs for every REPL: with one proof
+per request and one request per REPL, each REPL would idle after each proof until the server's reply (kimina-ast-server
+2.1.3 answers a request at its next 0.1 s client-disconnect poll), about 0.05 s a proof. Modes:
 - sync: `rollout.overlap_chunks=1`, all generation, then all verification;
 - overlapped: `rollout.overlap_chunks=--chunks`, each call's proofs are checked while the next call generates;
 - off-policy: overlapped, plus `algorithm.off_policy=true` (the next step generates while this one trains).
-Each mode runs one warm-up step (compilation), then `--steps` measured steps; the table shows medians in seconds.
+Each mode runs `--warmup` untimed steps (compilation: a new response length can bring a new packed shape in the
+first steps), then `--steps` measured steps. The table shows `step` as their mean (wall time / steps: off-policy
+steps alternate between short and long as verification runs ahead, so that is its throughput) and the phases as
+medians, in seconds.
 `rollout` is the trainer's time spent getting a step's samples (generation + verification it waited for).
 """
 from __future__ import annotations
@@ -63,9 +69,9 @@ def run_mode(args, url: str, overrides: list[str]) -> dict[str, float]:
     base = [
         f"data.train_batch_size={args.prompts}", f"algorithm.ppo_mini_batch_size={args.prompts // 2}",
         f"rollout.n={args.n}", f"data.max_response_length={args.max_tokens}",
-        f"trainer.total_steps={args.steps + 10}", "trainer.val_before_train=false",
-        # One proof per request, as many in flight as REPLs: the REPLs are the verification bottleneck.
-        "verifier.batch_size=1", f"verifier.max_in_flight={args.repls}", "logging.console=false", "logging.tensorboard=false",
+        f"trainer.total_steps={args.warmup + args.steps + 10}", "trainer.val_before_train=false",
+        f"verifier.batch_size={args.verifier_batch}", f"verifier.max_in_flight={args.in_flight}",
+        "logging.console=false", "logging.tensorboard=false", "logging.progress_bars=false",
         "logging.dump_rollouts=false", "data.error_fix.enabled=false",
     ]
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as run_dir:
@@ -75,20 +81,22 @@ def run_mode(args, url: str, overrides: list[str]) -> dict[str, float]:
         trainer.rewarder = MainProcessRewarder(FixedLatencyProofs(verifier, cfg.reward.format, args.latency_s))
         steps = []
         try:
-            for _ in range(1 + args.steps):
+            for _ in range(args.warmup + args.steps):
                 trainer.step += 1
                 started = time.perf_counter()
                 metrics = trainer.train_step()
                 steps.append({**metrics, "timing_s/step": time.perf_counter() - started})  # `fit` times the step
         finally:
             trainer.close()
-    measured = steps[1:]
-    return {name: statistics.median(m.get(f"timing_s/{name}", 0.0) for m in measured) for name in COLUMNS}
+    measured = steps[args.warmup:]
+    phases = {name: statistics.median(m.get(f"timing_s/{name}", 0.0) for m in measured) for name in COLUMNS}
+    return {**phases, "step": statistics.mean(m["timing_s/step"] for m in measured)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per mode (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per mode")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per mode before them")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=128, help="max response tokens")
@@ -96,7 +104,13 @@ def main() -> None:
     parser.add_argument("--repls", type=int, default=8, help="stand-in REPLs in the server (proofs checked at once)")
     # The JAX sampler on CPU pays per call: fewer, bigger calls keep generation about as fast as one call.
     parser.add_argument("--chunks", type=int, default=2, help="rollout.overlap_chunks of the overlapped modes")
-    args = parser.parse_args()
+    parser.add_argument("--verifier-batch", type=int, default=8, help="verifier.batch_size (proofs per request)")
+    parser.add_argument("--in-flight", type=int, default=40, help="verifier.max_in_flight (requests at once)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -114,7 +128,9 @@ def main() -> None:
 
     print(f"\ntiny Qwen3 on {os.cpu_count()} CPU cores, {args.prompts} prompts x {args.n} samples x <= "
           f"{args.max_tokens} tokens per step; real Lean server, {args.repls} stand-in REPLs answering each proof "
-          f"after {args.latency_s} s; overlapped modes in {args.chunks} engine calls; median of {args.steps} steps (s)")
+          f"after {args.latency_s} s, {args.verifier_batch} per request, <= {args.in_flight} requests in flight; "
+          f"overlapped modes in {args.chunks} engine calls; {args.steps} steps after {args.warmup} untimed (s): "
+          "step mean, phase medians")
     print("| mode       | " + " | ".join(f"{c:>12}" for c in COLUMNS) + " |")
     print("|------------|" + "|".join("-" * 14 for _ in COLUMNS) + "|")
     for name, values in results.items():

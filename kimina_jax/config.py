@@ -277,7 +277,8 @@ class AlgorithmConfig:
     # less padding where micro-batches are few, more compiled shapes; false: one row length per mini-batch.
     mixed_row_lengths: bool = True
     logits_chunk_tokens: int = 1024  # tokens per lm_head + log-softmax chunk
-    # One-step off-policy: step t+1's rollouts are generated with step t's weights while step t trains.
+    # One-step off-policy: step t+1's rollouts are generated with step t's weights as soon as step t's are, while
+    # Lean checks step t's and step t trains.
     off_policy: bool = False
     # Off-policy only: the policy loss of each token is multiplied by min(exp(old_logp - engine_logp), tis_cap)
     # (truncated importance sampling, as verl's `tis_imp_ratio_cap`); 0 switches the correction off.

@@ -5,7 +5,7 @@
   one call's responses while the engine generates the next; when it keeps up, only the last call's are waited
   for (`timing_s/verify_wait`).
 - Background generation (one-step off-policy): `StepRollouts.start_in_background` generates in a thread while
-  the caller trains; `finish` picks the results up.
+  the caller waits for its current step's verdicts and trains; `finish` picks the results up.
 - Processes: every process generates its own share of the global batch with its own engine; the completions
   are gathered so that every process holds the whole batch; only process 0 scores them (`MainProcessRewarder`)
   and its results are broadcast, so every process goes on with the same samples, in global batch order.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -211,11 +211,15 @@ class StepRollouts:
         if self._generated is not None:
             self._generated.result()
 
-    def finish(self) -> tuple[list[Sample], dict[str, float]]:
+    def finish(self, on_generated: Callable[[], None] | None = None) -> tuple[list[Sample], dict[str, float]]:
+        """`on_generated`: called once every call is generated and exchanged, before waiting for the verdicts
+        (the engine is free from then on)."""
         start = time.perf_counter()
         calls = self._generated.result() if self._generated is not None else self._generate()
         for groups in calls:  # generated inline: each call's groups are exchanged before the next call starts
             self._exchange(groups)
+        if on_generated is not None:
+            on_generated()
         waiting = time.perf_counter()
         pending = [p for index in sorted(self._pending) for p in self._pending[index]]
         samples = self.rewarder.collect(pending, None if self.progress is None else f"{self.progress} verify")

@@ -252,24 +252,38 @@ class Trainer:
         """This step's samples to train on, every sample generated for it (dumped, and remembered in the pass
         rates), and their metrics. The first generation batch was generated ahead in off-policy mode; with dynamic
         sampling, extra batches follow here with the current weights. Off-policy, the next step's rollouts start
-        here, sampling with the weights this step starts from."""
+        as soon as this step's are generated, sampling with the weights this step starts from: while Lean checks
+        this step's proofs and the step trains (with dynamic sampling, after its extra batches: they need the
+        engine and come first in the data order)."""
         rollouts = self._next_rollouts
         if rollouts is not None:
             self.data.use_ahead()
         else:
             rollouts = self._start_rollouts(self.step)
         self._next_rollouts = None
-        generated, timings = rollouts.finish()
+        drawn = self._drawn_metrics()  # the step's batch, before the next step's is drawn
+        ahead = self.cfg.algorithm.off_policy and self.step < self.steps_total
+        filtering = self.cfg.algorithm.filter_groups.enabled
+        early = self._start_next_rollouts if ahead and not filtering else None
+        generated, timings = rollouts.finish(on_generated=early)
         samples, metrics = generated, dict(timings)
-        if self.cfg.algorithm.filter_groups.enabled:
+        if filtering:
             samples, generated, metrics = self._filter_groups(generated, metrics)
+            drawn = self._drawn_metrics()
         self.data.pass_rates.record_groups(generated, self.cfg.rollout.n)  # every process holds the global batch
-        metrics["training/epoch"] = self.data.drawn_epoch  # of the step's last batch (verl's epoch loop)
+        if ahead and filtering:
+            self._start_next_rollouts()
+        return samples, generated, {**metrics, **drawn}
+
+    def _drawn_metrics(self) -> dict[str, float]:
+        """The epoch of the latest batch drawn (verl's epoch loop) and, with skip_solved, the rows left out of it."""
+        metrics = {"training/epoch": self.data.drawn_epoch}
         if self.data.skip_solved:
             metrics["data/skipped_solved"] = self.data.skipped_solved
-        if self.cfg.algorithm.off_policy and self.step < self.steps_total:
-            self._next_rollouts = self._start_rollouts(self.step + 1, ahead=True)
-        return samples, generated, metrics
+        return metrics
+
+    def _start_next_rollouts(self) -> None:
+        self._next_rollouts = self._start_rollouts(self.step + 1, ahead=True)
 
     def _filter_groups(
         self, generated: list[Sample], metrics: dict[str, float]
@@ -489,6 +503,17 @@ class Trainer:
         self.checkpointer.wait()
         self.close()
 
+    def _end_background_generation(self) -> None:
+        """A run stopping while the next step's rollouts generate (a verifier error in this step's verdicts) lets
+        that generation end before the engine closes; the step it was for will not run."""
+        if self._next_rollouts is None:
+            return
+        try:
+            self._next_rollouts.wait_generated()
+        except Exception as err:  # noqa: BLE001 (the run ends for another reason, which must surface)
+            log.warning("the next step's generation failed as the run stopped: %s", err)
+        self._next_rollouts = None
+
     def _resume(self) -> None:
         latest = self.checkpointer.latest_step()
         if latest is None:
@@ -509,6 +534,7 @@ class Trainer:
         log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
 
     def close(self) -> None:
+        self._end_background_generation()
         self.writer.close()
         self.engine.close()
         self.rewarder.close()

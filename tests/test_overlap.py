@@ -9,11 +9,14 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -21,11 +24,13 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from kimina_jax import train
 from kimina_jax.config import load_config
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import PackItem, TrainStep, pack_samples, truncated_is_weight
 from kimina_jax.pipeline import MainProcessRewarder, StepRollouts
-from kimina_jax.reward import Rewarder, StandinVerifier
+from kimina_jax.reward import Rewarder, StandinVerifier, Verifier
+from kimina_jax.reward.extract import normalize_statement
 from kimina_jax.rollout import JaxSampler, SamplingParams
 from kimina_jax.types import Prompt
 from tests.test_grpo_step import BUCKETS, CONFIG, MAX_RESPONSE, OPTIM, algorithm, flat_params, make_model, random_items
@@ -199,6 +204,80 @@ def test_samples_do_not_depend_on_the_process_shares(sampler):
     second, _, _ = _rollouts(sampler, prompts[2:], 2, chunks=1)
     assert _tokens(first + second) == _tokens(whole)
     assert [s.completion.prompt_index for s in second] == [2, 2, 3, 3]
+
+
+class CountingEngine:
+    """The trainer's engine, counting its generate calls (`started[i]` is set when call i starts)."""
+
+    def __init__(self, engine):
+        self.engine, self.started = engine, [threading.Event() for _ in range(16)]
+        self.calls = 0
+
+    def generate(self, prompt_token_ids, params):
+        self.started[self.calls].set()
+        self.calls += 1
+        return self.engine.generate(prompt_token_ids, params)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+class VerdictsAfterTheNextCall(Verifier):
+    """The stand-in verifier's verdicts, each held back until the engine starts its next generate call after the
+    snippet was submitted, or WAIT_S passed (counted in `waited_out`): a Lean server slower than generation."""
+
+    WAIT_S = 20.0
+
+    def __init__(self, engine: CountingEngine):
+        self.engine, self.standin, self.submitted, self.waited_out = engine, StandinVerifier(), 0, 0
+
+    def submit(self, snippets):
+        self.submitted += 1
+        verdicts = self.standin.check_sync(snippets)
+        futures = [concurrent.futures.Future() for _ in verdicts]
+        next_call = self.engine.started[self.engine.calls]
+
+        def release():
+            if not next_call.wait(self.WAIT_S):
+                self.waited_out += 1
+            for future, verdict in zip(futures, verdicts):
+                future.set_result(verdict)
+
+        threading.Thread(target=release, daemon=True).start()
+        return futures
+
+    def health(self):
+        return True
+
+
+class ProofsOfEachStatement(Rewarder):
+    """Scores a well-formed proof of each prompt's statement instead of the random model's text (which the format
+    check would fail before any Lean check)."""
+
+    def submit(self, prompt, completions):
+        proof = f"```lean4\n{normalize_statement(prompt.formal_statement)}\n  norm_num\n```"
+        return super().submit(prompt, [dataclasses.replace(c, text=proof) for c in completions])
+
+
+def test_off_policy_generates_the_next_step_while_lean_checks_this_ones(tmp_path):
+    """The next step's generation needs only this step's weights: it starts once this step's completions are
+    generated, not after their verdicts are in (verl's one-step off-policy)."""
+    cfg = load_config("tiny", ["algorithm.off_policy=true", "rollout.overlap_chunks=1", "trainer.total_steps=2",
+                               "verifier.kind=standin", "logging.tensorboard=false", "logging.console=false",
+                               "logging.progress_bars=false", "logging.dump_rollouts=false"], run_dir=tmp_path, env={})
+    trainer = train.Trainer(cfg)
+    engine = trainer.engine = CountingEngine(trainer.engine)
+    verifier = VerdictsAfterTheNextCall(engine)
+    trainer.rewarder = MainProcessRewarder(ProofsOfEachStatement(verifier, cfg.reward.format))
+    try:
+        trainer.step = 1
+        metrics = trainer.train_step()
+        assert engine.calls == 2  # step 1's call, then step 2's (in the background, waited for before the sync)
+        assert verifier.submitted == 2 * cfg.data.train_batch_size  # a request per group of steps 1 and 2
+        assert verifier.waited_out == 0  # step 1's verdicts came once step 2's generation had started
+        assert metrics["training/epoch"] == 0
+    finally:
+        trainer.close()
 
 
 # ------------------------------------------------------------------------------------ the training job

@@ -209,9 +209,13 @@ def test_sigterm_does_not_wait_for_a_hung_server(start_lean_server, tmp_path, mo
 
 
 @pytest.mark.lean_server
-def test_a_key_rotated_mid_run_checkpoints_before_the_run_ends(lean_server, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_a_key_rotated_mid_run_checkpoints_before_the_run_ends(lean_server, tmp_path, monkeypatch, off_policy) -> None:
+    # Off-policy, step 2's proofs were checked during step 1: step 3's are the first refused, while step 4's generate.
+    lost = 3 if off_policy else 2
     with FaultProxy(lean_server.url, path="/api/check") as proxy:
-        trainer = proof_writing_trainer(monkeypatch, tmp_path, proxy.url, "trainer.total_steps=4")
+        trainer = proof_writing_trainer(monkeypatch, tmp_path, proxy.url, "trainer.total_steps=4",
+                                        f"algorithm.off_policy={str(off_policy).lower()}")
 
         def rotate_key(step: int) -> None:
             if step == 2:
@@ -220,8 +224,9 @@ def test_a_key_rotated_mid_run_checkpoints_before_the_run_ends(lean_server, tmp_
         logged = spy_steps(trainer, rotate_key)
         with pytest.raises(VerifierError, match=f"Lean server {proxy.url} refused the request \\(HTTP 401"):
             trainer.fit()
-    assert sorted(logged) == [1]  # step 2 was lost with its verdicts...
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
-    # ... and the checkpoint is step 1's, with the data position before step 2's prompts: a rerun draws them again.
-    loop = json.loads(next((tmp_path / "checkpoints" / "1").glob("loop*/metadata")).read_text())
-    assert (loop["step"], loop["data"]["epoch"], loop["data"]["batch"]) == (1, 0, 1)
+    assert sorted(logged) == list(range(1, lost))  # step `lost` was lost with its verdicts...
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [str(lost - 1)]
+    # ... and the checkpoint is the step before's, with the data position before the lost step's prompts (not after
+    # the next step's, drawn ahead off-policy): a rerun draws them again.
+    loop = json.loads(next((tmp_path / "checkpoints" / str(lost - 1)).glob("loop*/metadata")).read_text())
+    assert (loop["step"], loop["data"]["epoch"], loop["data"]["batch"]) == (lost - 1, 0, lost - 1)
