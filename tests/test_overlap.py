@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import shutil
@@ -30,9 +29,9 @@ from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import PackItem, TrainStep, pack_samples, truncated_is_weight
 from kimina_jax.pipeline import MainProcessRewarder, StepRollouts
 from kimina_jax.reward import Rewarder, StandinVerifier, Verifier
-from kimina_jax.reward.extract import normalize_statement
 from kimina_jax.rollout import JaxSampler, SamplingParams
 from kimina_jax.types import Prompt
+from tests.test_eval_training_validation import EmptyProofs
 from tests.test_grpo_step import BUCKETS, CONFIG, MAX_RESPONSE, OPTIM, algorithm, flat_params, make_model, random_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,25 +249,18 @@ class VerdictsAfterTheNextCall(Verifier):
         return True
 
 
-class ProofsOfEachStatement(Rewarder):
-    """Scores a well-formed proof of each prompt's statement instead of the random model's text (which the format
-    check would fail before any Lean check)."""
-
-    def submit(self, prompt, completions):
-        proof = f"```lean4\n{normalize_statement(prompt.formal_statement)}\n  norm_num\n```"
-        return super().submit(prompt, [dataclasses.replace(c, text=proof) for c in completions])
-
-
-def test_off_policy_generates_the_next_step_while_lean_checks_this_ones(tmp_path):
+def test_off_policy_generates_the_next_step_while_lean_checks_this_ones(tmp_path, monkeypatch):
     """The next step's generation needs only this step's weights: it starts once this step's completions are
     generated, not after their verdicts are in (verl's one-step off-policy)."""
     cfg = load_config("tiny", ["algorithm.off_policy=true", "rollout.overlap_chunks=1", "trainer.total_steps=2",
                                "verifier.kind=standin", "logging.tensorboard=false", "logging.console=false",
                                "logging.progress_bars=false", "logging.dump_rollouts=false"], run_dir=tmp_path, env={})
+    # Every answer is a Lean snippet, so every group reaches the verifier (the random model's text would not).
+    monkeypatch.setattr(train, "make_engine", lambda rollout, model, tokenizer, model_dir=None:
+                        CountingEngine(EmptyProofs(tokenizer)))
     trainer = train.Trainer(cfg)
-    engine = trainer.engine = CountingEngine(trainer.engine)
-    verifier = VerdictsAfterTheNextCall(engine)
-    trainer.rewarder = MainProcessRewarder(ProofsOfEachStatement(verifier, cfg.reward.format))
+    engine, verifier = trainer.engine, VerdictsAfterTheNextCall(trainer.engine)
+    trainer.rewarder = MainProcessRewarder(Rewarder(verifier, cfg.reward.format))
     try:
         trainer.step = 1
         metrics = trainer.train_step()
