@@ -546,15 +546,17 @@ def load_config(
     *,
     run_dir: str | os.PathLike | None = None,
     env: Mapping[str, str] | None = None,
+    needs_verifier: bool = True,
 ) -> TrainConfig:
-    """Read a recipe (a path or a shipped recipe name; default `tiny`), apply overrides and `--run-dir`."""
+    """Read a recipe (a path or a shipped recipe name; default `tiny`), apply overrides and `--run-dir`.
+    `needs_verifier=False`: a Lean recipe without a server configured is accepted (planning runs no step)."""
     recipe = resolve_recipe_path(path)
     data = apply_overrides(_read_yaml(recipe), overrides)
     if run_dir is not None:
         data.setdefault("trainer", {})["run_dir"] = str(run_dir)
     env = os.environ if env is None else env
     cfg = config_from_dict(data, env=env, source=str(recipe))
-    if uses_lean(cfg) and not cfg.verifier.url:
+    if needs_verifier and uses_lean(cfg) and not cfg.verifier.url:
         raise KiminaError(
             f"{recipe}: verifier.kind is 'lean' but no server is configured: set ${ENV_URL} "
             "(e.g. http://localhost after launch/lean_server.sh)"

@@ -122,6 +122,7 @@ class TrainStep:
         self.optimizer = make_optimizer(optim)
         self.learning_rate = learning_rate_schedule(optim, total_steps)
         self.graphdef, params = nnx.split(model)
+        self._abstract_params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), params)
         self.state_shardings = self._state_shardings(params)
         self.compilations: collections.Counter[str] = collections.Counter()
 
@@ -214,6 +215,38 @@ class TrainStep:
         _, micro_batches = self._device_runs(batch, self._update_names(batch))[0]
         with jax.set_mesh(self.mesh):
             return self._accumulate.lower(state.params, self._zero_totals(state.params), micro_batches)
+
+    def abstract_state(self) -> TrainState:
+        """What `init_state` makes, as shape, dtype and sharding only (nothing allocated): to compile the step's
+        programs ahead of time, e.g. for devices this process does not have (`kimina_jax.plan`)."""
+        shapes = jax.eval_shape(lambda params: TrainState(
+            params=params, opt_state=self.optimizer.init(params), step=jnp.zeros((), jnp.int32),
+            skipped_updates=jnp.zeros((), jnp.int32), rng=jax.random.key(0),
+        ), self._abstract_params)
+        return _placed(shapes, self.state_shardings)
+
+    def lower_programs(self, state: TrainState, micro_batches: int, length: int,
+                       reference: nnx.State | None = None) -> dict[str, jax.stages.Lowered]:
+        """The update's programs lowered for runs of `micro_batches` micro-batches of `length`-token rows, from
+        `state` (arrays or `abstract_state()`): `update` (the gradient pass), `apply` (the optimizer step),
+        `old_logprobs` (with the entropy: verl's `actor/entropy`) and, given the reference's parameters (KL on),
+        `ref_logprobs`."""
+        names = {name: jnp.int32 if name in LOGPROB_INPUTS else jnp.float32 for name in self.update_inputs}
+        micro = {name: jax.ShapeDtypeStruct((micro_batches, self.rows_multiple, length), dtype,
+                                            sharding=self._micro_sharding) for name, dtype in names.items()}
+        logprob_inputs = {name: micro[name] for name in LOGPROB_INPUTS}
+        with jax.set_mesh(self.mesh):
+            totals = _placed(jax.eval_shape(self._zero_totals_fn, state.params),
+                             (self.state_shardings.params, NamedSharding(self.mesh, PartitionSpec())))
+            train_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, PartitionSpec()))
+            programs = {
+                "update": self._accumulate.lower(state.params, totals, micro),
+                "apply": self._apply.lower(state, totals, train_step),
+                "old_logprobs": self._logprobs.lower(state.params, logprob_inputs, True),
+            }
+            if reference is not None:
+                programs["ref_logprobs"] = self._logprobs.lower(reference, logprob_inputs, False)
+        return programs
 
     def logprobs(
         self, params: nnx.State, batch: PackedBatch, with_entropy: bool = False
@@ -342,6 +375,16 @@ class TrainStep:
 
     def _replicated_scalar(self, value: int) -> jax.Array:
         return jax.make_array_from_callback((), NamedSharding(self.mesh, PartitionSpec()), lambda _: np.int32(value))
+
+
+def _placed(shapes: Any, shardings: Any) -> Any:
+    """`shapes` (a tree of shape-dtype structs) with the shardings of `shardings`, a tree of which `shapes`
+    extends (one sharding may stand for a whole subtree)."""
+    return jax.tree.map(
+        lambda sharding, subtree: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                                 sharding=sharding), subtree),
+        shardings, shapes,
+    )
 
 
 def _same_structure(node: Any, structure: jax.tree_util.PyTreeDef) -> bool:

@@ -14,7 +14,8 @@ rows (training and log-prob passes), where materialising [heads, T, T] scores is
 - `triton`: the Pallas (Triton) flash-attention kernel shipped with JAX, with native segment ids (GPUs);
 - `splash`: the Pallas splash-attention kernel shipped with JAX, with native segment ids (TPUs);
 - `auto`: `cudnn` on GPU (`triton` for float32 compute or a cuDNN older than 9.6), `splash` on TPU, `xla`
-  elsewhere.
+  elsewhere. The platform is the one compiled for (`target_platform`): a TPU topology's when a CPU host compiles
+  for it ahead of time (`kimina_jax.plan`), the kernels then compiled for real, not in interpret mode.
 Flash kernels need rows whose length is a multiple of `FLASH_BLOCK`; shorter or odd rows, cheap anyway, use
 `xla`. Off their platform the Pallas kernels run in Pallas interpret mode (slow; that is how CPU tests check
 them against `xla`). Under a mesh set with `jax.set_mesh` the kernels run per shard (`jax.shard_map`): rows and
@@ -60,9 +61,9 @@ def segment_attention(q, k, v, segment_ids, scale, impl: AttentionImpl):
     """Causal self-attention inside the segments of packed rows: q [B, T, heads, D], k/v [B, T, kv_heads, D],
     segment_ids [B, T] (0 = padding, each segment contiguous). Outputs at padding positions are unspecified."""
     impl = resolve_attention_impl(impl, q.dtype)
-    if impl == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in _HALF_DTYPES):
+    if impl == "cudnn" and (target_platform() != "gpu" or q.dtype not in _HALF_DTYPES):
         raise ValueError(f"attention_impl 'cudnn' needs an NVIDIA GPU and bfloat16/float16 compute (model.dtype); "
-                         f"here: backend {jax.default_backend()}, {q.dtype}. Use 'auto', 'triton' or 'xla'")
+                         f"here: backend {target_platform()}, {q.dtype}. Use 'auto', 'triton' or 'xla'")
     if impl == "xla" or q.shape[1] % FLASH_BLOCK:
         if q.shape[1] <= XLA_BLOCK:  # one block: nothing to skip
             slots = jnp.arange(q.shape[1], dtype=jnp.int32)
@@ -73,14 +74,22 @@ def segment_attention(q, k, v, segment_ids, scale, impl: AttentionImpl):
     return _per_shard(lambda *args: kernel(*args, scale), q, k, v, segment_ids)
 
 
+def target_platform() -> str:
+    """The platform the computation being traced is compiled for: that of the mesh set around it (a TPU topology's
+    devices when compiling ahead of time on a CPU host, `kimina_jax.plan`), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_attention_impl(impl: AttentionImpl, dtype=jnp.bfloat16) -> str:
-    """The implementation `auto` stands for on the default backend for this compute dtype (cuDNN's flash
-    attention is half-precision only); others unchanged, unknown ones rejected."""
+    """The implementation `auto` stands for on the target platform (`target_platform`) for this compute dtype
+    (cuDNN's flash attention is half-precision only); others unchanged, unknown ones rejected."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in _HALF_DTYPES and _cudnn_has_packed_layout() else "triton"
     return "splash" if backend == "tpu" else "xla"
@@ -126,7 +135,7 @@ def _triton_attention(q, k, v, segment_ids, scale):
     # The kernel wants as many KV heads as query heads; padding segment 0 attends to itself (never read).
     return pallas_gpu_attention.mha(
         q, jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2), segment_ids,
-        sm_scale=scale, causal=True, interpret=jax.default_backend() != "gpu",
+        sm_scale=scale, causal=True, interpret=target_platform() != "gpu",
     )
 
 
@@ -139,7 +148,7 @@ def _splash_attention(q, k, v, segment_ids, scale):
     )
     kernel = splash.make_splash_mha(
         splash_mask.MultiHeadMask([splash_mask.CausalMask((t, t))] * heads), block_sizes=blocks,
-        head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu",
+        head_shards=1, q_seq_shards=1, interpret=target_platform() != "tpu",
     )
 
     def one_row(q_row, k_row, v_row, segments):  # the kernel takes [heads, T, D] and scales nothing itself

@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import KVCache, Qwen3ForCausalLM
-from kimina_jax.parallel import SAMPLING_RULES, num_shards, param_shardings
+from kimina_jax.parallel import SAMPLING_RULES, logical_to_mesh, num_shards, param_shardings
 from kimina_jax.rollout.base import (
     RolloutEngine,
     SamplingParams,
@@ -148,20 +148,91 @@ class JaxSampler(RolloutEngine):
         return [[results[i, j] for j in range(params.n)] for i in range(len(prompts))]
 
     def batch_rows(self, rows: int, slots: int) -> int:
-        """The batch size for `rows` waiting rows with `slots` cache slots each: a power of two whose KV cache
-        takes at most `kv_cache_bytes` on any device (on a mesh, rows and KV heads are split)."""
-        batch = min(_bucket(rows, 1), _floor_pow2(self.max_batch_rows))
-        if self.kv_cache_bytes is None:
-            return batch
-        row_split, head_split = _cache_split(self._mesh, self.config.num_key_value_heads)
-        device_row_bytes = _row_bytes(self.config, self._cache_dtype, slots) // head_split
-        per_device = self.kv_cache_bytes // device_row_bytes
-        if per_device < 1:
-            raise KiminaError(f"JaxSampler: kv_cache_bytes={self.kv_cache_bytes} holds no row of {slots} cache slots "
-                              f"(prompt bucket + max_tokens), which needs {device_row_bytes} bytes per device: raise "
-                              f"rollout.jax.kv_cache_bytes or lower data.max_response_length")
-        batch = min(batch, _floor_pow2(per_device * row_split))
-        return batch if batch % row_split == 0 else min(batch, _floor_pow2(per_device))  # rows not split
+        """The batch size for `rows` waiting rows with `slots` cache slots each (`decode_batch_rows`)."""
+        return decode_batch_rows(self.config, self._cache_dtype, self._mesh, self.max_batch_rows, self.kv_cache_bytes,
+                                 rows, slots)
+
+
+def decode_batch_rows(config, cache_dtype, mesh, max_batch_rows: int, kv_cache_bytes: int | None, rows: int,
+                      slots: int) -> int:
+    """The decode batch for `rows` waiting rows with `slots` cache slots each: a power of two within
+    `max_batch_rows` whose KV cache takes at most `kv_cache_bytes` on any device of `mesh` (None: one device;
+    rows and KV heads are split)."""
+    batch = min(_bucket(rows, 1), _floor_pow2(max_batch_rows))
+    if kv_cache_bytes is None:
+        return batch
+    row_split, head_split = _cache_split(mesh, config.num_key_value_heads)
+    device_row_bytes = _row_bytes(config, cache_dtype, slots) // head_split
+    per_device = kv_cache_bytes // device_row_bytes
+    if per_device < 1:
+        raise KiminaError(f"JaxSampler: kv_cache_bytes={kv_cache_bytes} holds no row of {slots} cache slots "
+                          f"(prompt bucket + max_tokens), which needs {device_row_bytes} bytes per device: raise "
+                          f"rollout.jax.kv_cache_bytes or lower data.max_response_length")
+    batch = min(batch, _floor_pow2(per_device * row_split))
+    return batch if batch % row_split == 0 else min(batch, _floor_pow2(per_device))  # rows not split
+
+
+class SamplingPlan(NamedTuple):
+    """The sampler's programs lowered ahead of time (`lower_sampling`) and what they hold."""
+
+    programs: dict[str, jax.stages.Lowered]  # prefill (a full batch's prompts), decode (the loop at the full window)
+    batch_rows: int  # rows decoded together
+    weights: Any  # the weights sampled with, as shape-dtype-sharding structs
+    weights_are_copy: bool  # a copy beside the trainer's parameters (a mesh of several devices), not those arrays
+    cache: KVCache  # the decode batch's KV cache at its largest, as structs
+
+
+def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: int, max_tokens: int, n: int,
+                   max_batch_rows: int, kv_cache_bytes: int | None) -> SamplingPlan:
+    """The prefill and decode programs of a `generate` call of `rows` rows (`n` per prompt) with prompts up to
+    `prompt_length` tokens, lowered for `mesh` (e.g. a TPU topology's devices) from `model` (an abstract model
+    is enough), at their largest: every row decoding at the full window (prompt bucket + `max_tokens` slots)."""
+    graphdef, state = nnx.split(model)
+    copy = mesh.size > 1
+    rules_mesh = mesh if copy else None
+    if copy:  # as `_sampling_weights` places them
+        shardings = param_shardings(state, mesh, SAMPLING_RULES)
+        dtype = lambda leaf: model.dtype if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype  # noqa: E731
+    else:
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
+        dtype = lambda leaf: leaf.dtype  # noqa: E731
+    weights = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, dtype(leaf), sharding=sharding),
+                           state, shardings)
+    prompt_bucket = _bucket(prompt_length, MIN_PROMPT_BUCKET)
+    slots = prompt_bucket + max_tokens
+    batch = decode_batch_rows(model.config, model.dtype, rules_mesh, max_batch_rows, kv_cache_bytes, rows, slots)
+    place = lambda shape, dtype, axes: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=NamedSharding(mesh, logical_to_mesh(axes, mesh, shape)))
+    prompts = _bucket(-(-batch // n), 1)
+    config, cache_dtype = model.config, model.dtype
+    heads, dim = config.num_key_value_heads, config.head_dim
+    cache = KVCache(
+        keys=tuple(place((batch, heads, dim, slots), cache_dtype, ("batch", "kv_heads", None, None))
+                   for _ in range(config.num_hidden_layers)),
+        values=tuple(place((batch, heads, slots, dim), cache_dtype, ("batch", "kv_heads", None, None))
+                     for _ in range(config.num_hidden_layers)),
+        segment_ids=place((batch, slots), jnp.int32, ("batch", None)),
+        index=place((batch,), jnp.int32, ("batch",)),
+    )
+    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+    decode = _Decode(
+        cache=cache, logits=place((batch, config.vocab_size), jnp.float32, ("batch", "vocab")),
+        tokens=place((batch, max_tokens), jnp.int32, ("batch", None)),
+        logprobs=place((batch, max_tokens), jnp.float32, ("batch", None)),
+        count=place((batch,), jnp.int32, ("batch",)), done=place((batch,), jnp.bool_, ("batch",)),
+        row_keys=place((batch,), key_dtype, ("batch",)),
+    )
+    scalar = lambda dtype: place((), dtype, ())  # noqa: E731
+    jitted = _Jitted(graphdef)
+    with jax.set_mesh(mesh):
+        programs = {
+            "prefill": jitted.prefill.lower(weights, place((prompts, prompt_bucket), jnp.int32, ("batch", None)),
+                                            place((prompts,), jnp.int32, ("batch",))),
+            "decode": jitted.decode.lower(weights, decode, place((1,), jnp.int32, (None,)), scalar(jnp.float32),
+                                          scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32),
+                                          greedy=False, filters=False),
+        }
+    return SamplingPlan(programs, batch, weights, copy, cache)
 
 
 class _Batch:
