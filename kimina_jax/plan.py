@@ -250,8 +250,8 @@ def _change(program: str, cfg: TrainConfig, problem: str) -> str:
         return (f"{problem}: lower rollout.jax.kv_cache_bytes (now {j.kv_cache_bytes}) or rollout.jax.max_batch_rows "
                 f"(now {j.max_batch_rows}), or use a bigger slice")
     a = cfg.algorithm
-    remat = "" if cfg.model.remat == "full" else "model.remat=full, "
-    return (f"{problem}: set {remat}lower algorithm.pack_length (now {a.pack_length}) or algorithm.micro_batch_rows "
+    remat = "" if cfg.model.remat == "full" else "set model.remat=full, "
+    return (f"{problem}: {remat}lower algorithm.pack_length (now {a.pack_length}) or algorithm.micro_batch_rows "
             f"(now {a.micro_batch_rows}), or use a bigger slice")
 
 
@@ -367,7 +367,9 @@ def format_plan(plan: Plan, recipe: str) -> str:
         flops = plan.step_flops
         ideal = (f"; ideal step {flops / plan.accelerator.peak_flops:.3g} s at {plan.accelerator.peak_flops / 1e12:.0f} "
                  "TFLOP/s per device" if plan.accelerator.peak_flops else "")
-        lines.append(f"FLOPs per step per device (every response max_tokens long): {flops:.3e}{ideal}")
+        refused = [p.name for p in plan.programs if p.out_of_memory]
+        left_out = f" (without {', '.join(refused)}: not compiled)" if refused else ""
+        lines.append(f"FLOPs per step per device (every response max_tokens long){left_out}: {flops:.3e}{ideal}")
     if plan.advice:
         lines.append(f"does not fit: {plan.advice}")
     return "\n".join(lines)
