@@ -236,10 +236,11 @@ def _advice(plan: Plan, cfg: TrainConfig) -> str:
                 f"bigger slice (more devices for mesh.fsdp, now {plan.mesh['fsdp']})"
                 + (" or model.param_dtype=bfloat16" if cfg.model.param_dtype == "float32" else ""))
     refused = [p for p in plan.programs if p.out_of_memory]
-    worst = refused[0] if refused else max(plan.programs, key=lambda p: p.peak(plan.resident))
-    need = worst.peak(plan.resident) / GiB
     if refused:
+        worst = refused[0]
         return _change(worst.name, cfg, f"{worst.name}: the compiler ran out of memory ({worst.out_of_memory})")
+    worst = max(plan.programs, key=lambda p: p.peak(plan.resident))
+    need = worst.peak(plan.resident) / GiB
     return _change(worst.name, cfg, f"{worst.name} needs {need:.2f} GiB per device of {budget:.2f}")
 
 

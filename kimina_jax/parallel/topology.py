@@ -8,6 +8,7 @@ device is planned with half a chip's memory and FLOPs; v5p chips are one device 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -64,7 +65,7 @@ def tpu_accelerator(name: str) -> Accelerator:
     """A Cloud TPU accelerator type (`v5p-8`, `v5litepod-8`, `v6e-8`, `v4-8`, ...) or a JAX topology string
     (`v5e:2x2`, `v5p:2x2x1`), compiled for by libtpu here. One clear error for a name that is neither."""
     generation, shape = _parse_tpu_name(name)
-    chips = _product(shape)
+    chips = math.prod(shape)
     from jax.experimental import topologies
 
     try:
@@ -134,7 +135,7 @@ def _chip_shape(dims: int, chips: int) -> tuple[int, ...]:
     """The slice shape Cloud TPU gives `chips` chips: the smallest dimension doubled, the last one of ties
     (2D: 2x2, 2x4, 4x4, ...; 3D from 2x2x1: 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...)."""
     shape = [1] * dims if dims == 2 or chips < 4 else [2, 2, 1]
-    while _product(shape) < chips:
+    while math.prod(shape) < chips:
         smallest = min(shape)
         shape[max(i for i, size in enumerate(shape) if size == smallest)] *= 2
     return tuple(shape)
@@ -142,16 +143,9 @@ def _chip_shape(dims: int, chips: int) -> tuple[int, ...]:
 
 def _chips_per_host(generation: TpuGeneration, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """Chips per host: v5e/v6e slices of 1 and 8 chips are one host of that many; otherwise 4 chips (2x2)."""
-    chips = _product(shape)
+    chips = math.prod(shape)
     if chips == 1:
         return (1, 1, 1)
     if generation.dims == 2 and chips == 8:
         return (2, 4, 1) if shape[1] == 4 else (4, 2, 1)
     return (2, 2, 1)
-
-
-def _product(sizes) -> int:
-    out = 1
-    for size in sizes:
-        out *= size
-    return out

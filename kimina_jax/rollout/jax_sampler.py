@@ -192,7 +192,7 @@ def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: i
     rules_mesh = mesh if copy else None
     if copy:  # as `_sampling_weights` places them
         shardings = param_shardings(state, mesh, SAMPLING_RULES)
-        dtype = lambda leaf: model.dtype if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype  # noqa: E731
+        dtype = lambda leaf: _sampling_dtype(leaf, model.dtype)  # noqa: E731
     else:
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
         dtype = lambda leaf: leaf.dtype  # noqa: E731
@@ -204,16 +204,11 @@ def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: i
     place = lambda shape, dtype, axes: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=NamedSharding(mesh, logical_to_mesh(axes, mesh, shape)))
     prompts = _bucket(-(-batch // n), 1)
-    config, cache_dtype = model.config, model.dtype
-    heads, dim = config.num_key_value_heads, config.head_dim
-    cache = KVCache(
-        keys=tuple(place((batch, heads, dim, slots), cache_dtype, ("batch", "kv_heads", None, None))
-                   for _ in range(config.num_hidden_layers)),
-        values=tuple(place((batch, heads, slots, dim), cache_dtype, ("batch", "kv_heads", None, None))
-                     for _ in range(config.num_hidden_layers)),
-        segment_ids=place((batch, slots), jnp.int32, ("batch", None)),
-        index=place((batch,), jnp.int32, ("batch",)),
-    )
+    config = model.config
+    # The cache `KVCache.init` makes, rows split like a batch's and keys/values by KV head.
+    cache_axes = {4: ("batch", "kv_heads", None, None), 2: ("batch", None), 1: ("batch",)}
+    cache = jax.tree.map(lambda leaf: place(leaf.shape, leaf.dtype, cache_axes[leaf.ndim]),
+                         jax.eval_shape(lambda: KVCache.init(config, batch, slots, model.dtype)))
     key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
     decode = _Decode(
         cache=cache, logits=place((batch, config.vocab_size), jnp.float32, ("batch", "vocab")),
@@ -364,10 +359,15 @@ def _sampling_weights(state, dtype) -> tuple[Any, Any]:
         return jax.tree.map(lambda leaf: jax.device_put(leaf, leaf.sharding), state), None
 
     def copy(leaf, sharding):  # leaf by leaf: one cast copy alive at a time
-        matrix = leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
-        return jax.device_put(leaf.astype(dtype) if matrix else leaf, sharding)
+        return jax.device_put(leaf.astype(_sampling_dtype(leaf, dtype)), sharding)
 
     return jax.tree.map(copy, state, param_shardings(state, mesh, SAMPLING_RULES)), mesh
+
+
+def _sampling_dtype(leaf, dtype):
+    """The dtype of a parameter in the sampling copy: weight matrices in the compute `dtype` (what the model casts
+    them to), the rest (norms) as they are."""
+    return dtype if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
 
 
 def _devices(state) -> set:
