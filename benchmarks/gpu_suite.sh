@@ -41,7 +41,8 @@ bench() {
       rollout) bench benchmarks/rollout.py --shape qwen3-0.6b qwen3-1.7b --dtype bfloat16 --engines jax stream \
                  --prompts 64 --n 8 --max-tokens 1024 --max-batch-rows 256 ;;  # 256 rows: 32 GiB of KV cache
       rollout-varied) bench benchmarks/rollout.py --shape qwen3-1.7b --dtype bfloat16 --engines jax --syncs 1 \
-                 --prompts 64 --n 8 --max-tokens 4096 --mean-tokens 1024 --max-batch-rows 64 ;;  # 30 GiB of KV cache
+                 --prompts 64 --n 8 --max-tokens 4096 --mean-tokens 1024 --max-batch-rows 256 \
+                 --kv-cache-bytes 17179869184 ;;  # the recipe's 16 GiB pool: rows admitted by free blocks
       *) echo "unknown row $row: cudnn triton save-dots 0.6b xla-4k rows-8k rollout rollout-varied" ;;
     esac
   done

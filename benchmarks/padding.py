@@ -79,6 +79,11 @@ def main() -> None:
     print(f"{args.devices} data-parallel devices, {args.batches} mini-batches per row, min / mean / max")
     rows = [measure(recipe, kind, args.devices, args.batches, args.seed)
             for recipe in args.recipes for kind in args.lengths]
+    print_markdown_table(rows)
+
+
+def print_markdown_table(rows: list[dict[str, str]]) -> None:
+    """Rows of column -> text as a right-aligned Markdown table (also used by kv_capacity.py)."""
     widths = {name: max(len(name), *(len(row[name]) for row in rows)) for name in rows[0]}
     print("| " + " | ".join(name.rjust(width) for name, width in widths.items()) + " |")
     print("|" + "|".join("-" * (width + 2) for width in widths.values()) + "|")

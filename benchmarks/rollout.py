@@ -7,8 +7,9 @@ Weights are random: the JAX model is initialised in memory, vLLM starts from a f
 (`load_format="dummy"`) and then receives the JAX weights through `update_weights`, the push the trainer makes
 after every step (timed: median of --syncs pushes after a warm-up one). Generation runs once to compile/warm
 up, then is timed; tokens/s counts the tokens actually generated (EOS is disabled). vLLM is skipped when not
-installed. Targets (issue 4), one H100, Qwen3-1.7B shape: weight sync under 1 s; the JAX sampler within 3x of
-vLLM's tokens/s. `--engines stream` times the trainer's half of a vLLM push alone (where vLLM cannot be installed).
+installed. The JAX rows give the sampler's rows in flight (mean over decode steps / max). Targets (issue 4), one
+H100, Qwen3-1.7B shape: weight sync under 1 s; the JAX sampler within 3x of vLLM's tokens/s. `--engines stream`
+times the trainer's half of a vLLM push alone (where vLLM cannot be installed).
 `--mean-tokens L` makes response lengths vary as in RL (each token stops a row with probability about 1/L, the
 random model being near uniform), which is where batching matters: vLLM batches continuously, and so does the
 JAX sampler within `--max-batch-rows` rows.
@@ -60,6 +61,7 @@ class Row:
     tokens: int
     gen_s: float | None  # None: the row times a weight sync alone
     sync_s: float | None
+    in_flight: str = "-"  # the JAX sampler's rows in flight during the timed call: mean / max
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -79,16 +81,20 @@ def timed_generate(engine, prompts, params: SamplingParams) -> tuple[int, float]
     return sum(len(c.token_ids) for row in out for c in row), seconds
 
 
-def bench_jax(shape, model, prompts, params, syncs: int, max_batch_rows: int | None) -> Row:
-    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=max_batch_rows or len(prompts) * params.n)
+def bench_jax(shape, model, prompts, params, syncs: int, max_batch_rows: int | None,
+              kv_cache_bytes: int | None) -> Row:
+    sampler = JaxSampler(model, eos_token_ids=(), max_batch_rows=max_batch_rows or len(prompts) * params.n,
+                         kv_cache_bytes=kv_cache_bytes)
     tokens, seconds = timed_generate(sampler, prompts, params)
+    timed_call = sampler.last_call
+    in_flight = f"{timed_call.row_steps / max(1, timed_call.decode_steps):.1f} / {timed_call.max_rows}"
     times = []
     for _ in range(syncs):
         start = time.perf_counter()
         sampler.update_weights(model)
         times.append(time.perf_counter() - start)
     return Row(shape, model.config.num_params / 1e6, "jax", len(prompts) * params.n, tokens, seconds,
-               statistics.median(times))
+               statistics.median(times), in_flight)
 
 
 def bench_stream(shape, model, syncs: int, dtype: str) -> Row:
@@ -138,14 +144,14 @@ def bench_vllm(shape, model, prompts, params, syncs: int, dtype: str, gpu_memory
 
 def print_table(rows: list[Row]) -> None:
     header = (f"{'shape':<12}{'params':>9}  {'engine':<6}{'rows':>6}{'tokens':>9}{'gen s':>9}{'tokens/s':>11}"
-              f"{'sync s':>10}")
+              f"{'sync s':>10}  in flight")
     print(header)
     print("-" * len(header))
     for r in rows:
         sync = f"{r.sync_s:.4f}" if r.sync_s is not None else "-"
         gen = ("-", "-") if r.gen_s is None else (f"{r.gen_s:.3f}", f"{r.tokens_per_s:.1f}")
         print(f"{r.shape:<12}{r.params_m:>8.1f}M  {r.engine:<6}{r.rows:>6}{r.tokens:>9}{gen[0]:>9}{gen[1]:>11}"
-              f"{sync:>10}")
+              f"{sync:>10}  {r.in_flight}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mean-tokens", type=int, default=0,
                         help="stop ids that end a row after about this many tokens (0: every row runs to --max-tokens)")
     parser.add_argument("--max-batch-rows", type=int, default=None, help="JAX sampler (default: every row at once)")
+    parser.add_argument("--kv-cache-bytes", type=int, default=None,
+                        help="JAX sampler: its KV block pool per device (default: what the call could need)")
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = parser.parse_args(argv)
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         prompts = rng.integers(0, model.config.vocab_size, (args.prompts, args.prompt_len)).tolist()
         if "jax" in engines:
-            rows.append(bench_jax(shape, model, prompts, params, args.syncs, args.max_batch_rows))
+            rows.append(bench_jax(shape, model, prompts, params, args.syncs, args.max_batch_rows, args.kv_cache_bytes))
         if "vllm" in engines:
             rows.append(bench_vllm(shape, model, prompts, params, args.syncs, args.dtype, args.gpu_memory_utilization))
         if "stream" in engines:

@@ -146,11 +146,11 @@ class VllmConfig:
 
 @dataclasses.dataclass
 class JaxSamplerConfig:
-    """Engine `jax`: the built-in sampler (continuously batched; every row's KV cache holds prompt + max_tokens)."""
+    """Engine `jax`: the built-in sampler (continuously batched over a paged KV cache)."""
 
-    max_batch_rows: int = 128  # rows decoded together (the largest power of two within this)
-    kv_cache_bytes: int | None = 16 * 2**30  # ... fewer when their KV cache exceeds this on a device; None: no bound
-    first_decode_window: int = 512  # attention reads this many cache slots at first, doubling as rows grow
+    max_batch_rows: int = 128  # rows decoded together at most (the largest power of two within this)
+    kv_cache_bytes: int | None = 16 * 2**30  # the KV block pool per device; None: what a call could need
+    kv_block_size: int = 16  # tokens per block of the KV cache (vLLM's 16; TPU kernels read larger ones faster)
 
 
 @dataclasses.dataclass
@@ -650,8 +650,8 @@ RANGES: dict[str, str] = {
     "rollout.vllm.kv_cache_bytes": "> 0",
     "rollout.vllm.jax_memory_fraction": "(0, 1]",
     "rollout.jax.max_batch_rows": "> 0",
-    "rollout.jax.kv_cache_bytes": "> 0; null: no bound",
-    "rollout.jax.first_decode_window": "> 0",
+    "rollout.jax.kv_cache_bytes": "> 0; null: what a call could need",
+    "rollout.jax.kv_block_size": "> 0",
     "rollout.servers.timeout_s": "> 0",
     "rollout.servers.retries": ">= 0",
     "verifier.timeout_s": "> 0",

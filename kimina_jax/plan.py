@@ -4,9 +4,10 @@ The recipe's model is built abstractly (no weights), its mesh laid over the topo
 compiled for here by libtpu, without the hardware) or over the devices present, and every program a step runs is
 compiled at the recipe's worst shapes: the gradient pass for the largest packed micro-batch (`micro_batch_rows`
 rows of the longest row length), the optimizer step, the old log-prob pass, the reference pass (KL on), and the
-JAX engine's prefill and decode loop with its decode batch at the full window (every row at prompt bucket +
-max_tokens slots). On TPU the engine planned is the JAX one (this project's vLLM engines run on GPUs); with vLLM
-on a GPU, JAX's programs must fit in the share vLLM leaves it.
+JAX engine's prefill and decode loop with its decode batch at its largest (every slot's row at prompt bucket +
+max_tokens tokens, the KV block pool `rollout.jax.kv_cache_bytes` at most). On TPU the engine planned is the JAX
+one (this project's vLLM engines run on GPUs); with vLLM on a GPU, JAX's programs must fit in the share vLLM
+leaves it.
 
 Per program the compiler's per-device bytes (arguments, temporaries, outputs, aliased) and its peak: those plus
 the resident state it does not take as an argument (parameters, optimizer, reference, the engine's weight copy,
@@ -38,6 +39,7 @@ from kimina_jax.grpo import TrainStep, row_length_buckets
 from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM, abstract_model
 from kimina_jax.models.attention import FLASH_BLOCK, resolve_attention_impl
 from kimina_jax.models.hf import to_jax_dtype
+from kimina_jax.models.paged import paged_impl
 from kimina_jax.models.qwen3.architectures import known_architecture
 from kimina_jax.models.tiny import tiny_config
 from kimina_jax.parallel import make_mesh
@@ -131,6 +133,7 @@ def plan_recipe(cfg: TrainConfig, accelerator: Accelerator) -> Plan:
         resident["reference"] = resident["params"]
     with jax.set_mesh(mesh):
         attention = resolve_attention_impl(m.attention_impl, to_jax_dtype(m.dtype))
+        paged = paged_impl(m.attention_impl, model.config.head_dim)
     notes = [f"attention {attention}" + ("" if attention == "xla" else f" (rows of multiples of {FLASH_BLOCK} "
                                          "tokens; xla for others)")]
     budget = accelerator.hbm_bytes
@@ -172,23 +175,28 @@ def plan_recipe(cfg: TrainConfig, accelerator: Accelerator) -> Plan:
         j = cfg.rollout.jax
         sampling = lower_sampling(model, engine_mesh, rows=rows, prompt_length=d.max_prompt_length,
                                   max_tokens=cfg.rollout.max_tokens, n=cfg.rollout.n, max_batch_rows=j.max_batch_rows,
-                                  kv_cache_bytes=j.kv_cache_bytes)
+                                  kv_cache_bytes=j.kv_cache_bytes, block_size=j.kv_block_size)
         # A copy beside the trainer's parameters: on several devices, across processes, or off-policy (the update
         # reuses the parameters' buffers while the engine still samples with them).
         if sampling.weights_are_copy or accelerator.processes > 1 or a.off_policy:
             plan.resident["engine weights"] = _device_bytes(sampling.weights)
         plan.resident["KV cache"] = _device_bytes(sampling.cache)
+        plan.notes.append(f"decode attention: paged, {PAGED_KERNELS[paged]}, KV blocks of {j.kv_block_size} tokens")
         batches = math.ceil(rows / sampling.batch_rows) * max(1, cfg.rollout.overlap_chunks)
         weights_in_args = () if "engine weights" in plan.resident else ("params",)
         others = tuple(n for n in ("params", "optimizer", "reference") if n not in weights_in_args)
-        slots = sampling.cache.segment_ids.shape[1]
+        slots = sampling.slots
         prompts = f"{max(1, sampling.batch_rows // cfg.rollout.n)} prompts"
-        plan.programs.append(_compiled("prefill", sampling.programs["prefill"], prompts, batches, (*others, "KV cache")))
+        plan.programs.append(_compiled("prefill", sampling.programs["prefill"], prompts, batches, others))
         plan.programs.append(_compiled("decode", sampling.programs["decode"], f"{sampling.batch_rows} rows x {slots} "
                                        "slots", batches * cfg.rollout.max_tokens, others))
     if not plan.fits:
         plan.advice = _advice(plan, cfg)
     return plan
+
+
+PAGED_KERNELS = {"xla": "plain XLA", "tpu": "JAX's ragged_paged_attention kernel",
+                 "gpu": "JAX's Pallas paged_attention kernel"}
 
 
 def _compiled(name: str, lowered, shape: str, calls: int, others: tuple[str, ...]) -> Program:
@@ -261,7 +269,7 @@ def run_step(plan: Plan, cfg: TrainConfig) -> list[tuple[str, int, int | None]]:
     allocated as a run holds it: (what, predicted bytes, measured bytes or None) on the most loaded device. The
     resident state is measured from the arrays as placed; a program's peak from the allocator's peak so far (GPU,
     TPU; CPU devices keep no such statistics). The decode loop runs one iteration (its rows start one slot short of
-    the window)."""
+    their blocks)."""
     m = cfg.model
     model = Qwen3ForCausalLM(recipe_architecture(cfg), dtype=to_jax_dtype(m.dtype), param_dtype=to_jax_dtype(m.param_dtype),
                              attention_impl=m.attention_impl, remat=m.remat, rngs=nnx.Rngs(cfg.experiment.seed))
@@ -279,21 +287,22 @@ def run_step(plan: Plan, cfg: TrainConfig) -> list[tuple[str, int, int | None]]:
                                               info, shardings)
     resident = sum(plan.resident[name] for name in (*TRAINING, "engine weights") if name in plan.resident)
     rows = [("resident state", resident, _held_bytes([state.params, state.opt_state, *held.values()]))]
-    decode_batch = None
+    pools = None  # the KV block pools, alive from the first prefill through decoding
     for program in plan.programs:
         args = [_zeros(info, sharding) for info, sharding in zip(program.args_info, program.compiled.input_shardings[0])]
         if program.name == "apply":
             args[0] = state
         elif program.name in ("prefill", "decode"):
             args[0] = held.get("engine weights", state.params)
-            if decode_batch is None:  # the decode batch (its KV cache) is alive while prompts are prefilled
-                decode_batch = _one_slot_short(_zeros(programs["decode"].args_info[1],
-                                                      programs["decode"].compiled.input_shardings[0][1]))
+            if pools is not None:
+                args[1] = pools
             if program.name == "decode":
-                args[1], args[-1] = decode_batch, jnp.int32(len(decode_batch.done))
+                args[2], args[-1] = _one_step(args[2]), jnp.int32(len(args[2].done))
         else:
             args[0] = held["reference" if program.name == "ref_logprobs" else "params"]
         out = jax.block_until_ready(program.compiled(*args))
+        if program.name in ("prefill", "decode"):
+            pools = out[0]
         if program.name == "apply":
             state = out[0]
             held["params"] = state.params
@@ -312,11 +321,9 @@ def _zeros(info_tree, sharding_tree):
     return jax.tree.map(zeros, info_tree, sharding_tree)
 
 
-def _one_slot_short(decode_batch):
-    """The decode batch with every row about to write the last slot of its window: the loop stops after one step."""
-    cache = decode_batch.cache
-    last = jax.jit(lambda index: index + cache.segment_ids.shape[1] - 1)(cache.index)
-    return decode_batch._replace(cache=cache.replace(index=last))
+def _one_step(rows):
+    """The decode batch with every row one cache slot short of its blocks: the loop stops after one step."""
+    return rows._replace(capacity=jax.jit(lambda lengths: lengths + 1)(rows.lengths))
 
 
 def _held_bytes(trees) -> int:

@@ -239,6 +239,7 @@ class Trainer:
         metrics.update(self._error_fix_feedback(generated))
         metrics.update(actor)
         metrics.update(self._logprob_diff(samples, batches))
+        metrics.update(self.engine.take_metrics())  # the JAX engine's rows in flight, KV blocks, preemptions
         metrics.update(self._step_metrics(samples, verified, advantages, entropies, metrics))
         self._dump(generated)
         return metrics

@@ -14,8 +14,9 @@ from flax import nnx
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import (
-    KVCache, Qwen3Config, abstract_model, load_hf_checkpoint, param_names, save_hf_checkpoint,
+    PagedKVCache, Qwen3Config, abstract_model, load_hf_checkpoint, param_names, save_hf_checkpoint,
 )
+from kimina_jax.models.paged import init_pools
 from kimina_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
 RNG = np.random.default_rng(0)
@@ -67,24 +68,29 @@ def test_packed_row_equals_separate_sequences(tiny_hf_folder):
     np.testing.assert_allclose(np.asarray(packed)[0, 7:12], np.asarray(alone_b)[0], atol=1e-5)
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny_hf_folder):
+@pytest.mark.parametrize("block_size", [2, 16])
+def test_paged_kv_cache_decoding_matches_full_forward(tiny_hf_folder, block_size):
+    """A prefill of 4 tokens, then one token per step through a paged cache whose rows' blocks are scattered
+    over the pool: the logits of the full forward."""
     model = load_hf_checkpoint(tiny_hf_folder)
+    cfg = model.config
     ids = RNG.integers(0, 128, size=(2, 9))
     full, _ = model(jnp.asarray(ids))
-    cache = KVCache.init(model.config, batch=2, slots=16)
+    width = -(-16 // block_size)
+    tables = jnp.asarray(RNG.permutation(2 * width).reshape(2, width), jnp.int32)
+    pools = init_pools(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 2 * width, block_size,
+                       jnp.float32, "xla")
     prefix = 4
-    step_logits, cache = model(
-        jnp.asarray(ids[:, :prefix]),
-        jnp.broadcast_to(jnp.arange(prefix), (2, prefix)),
-        jnp.ones((2, prefix), jnp.int32),
-        cache=cache,
-    )
+    cache = PagedKVCache(pools, tables, jnp.zeros(2, jnp.int32), pairs=2 * width, prefill=True)
+    step_logits, cache = model(jnp.asarray(ids[:, :prefix]), jnp.broadcast_to(jnp.arange(prefix), (2, prefix)),
+                               jnp.ones((2, prefix), jnp.int32), cache=cache)
     np.testing.assert_allclose(np.asarray(step_logits), np.asarray(full)[:, :prefix], atol=1e-5)
+    cache = cache.replace(prefill=False)
     decode = nnx.jit(lambda m, tok, pos, c: m(tok, pos, jnp.ones_like(tok), cache=c))
     for t in range(prefix, 9):
         logits, cache = decode(model, jnp.asarray(ids[:, t : t + 1]), jnp.full((2, 1), t), cache)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], np.asarray(full)[:, t], atol=1e-5)
-    assert np.asarray(cache.index).tolist() == [9, 9]
+    assert np.asarray(cache.lengths).tolist() == [9, 9]
 
 
 def test_bf16_compute_stays_close(tiny_hf_folder):

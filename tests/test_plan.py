@@ -58,13 +58,16 @@ def test_a_bad_topology_name_is_refused(name):
 
 
 def test_tiny_recipe_compiles_for_a_tpu_topology():
-    """Every program of a step, KL on (the reference pass too), splash attention, compiled by libtpu for v5e:2x2."""
+    """Every program of a step, KL on (the reference pass too), splash attention and the paged TPU kernel (head_dim
+    128, its lane width), compiled by libtpu for v5e:2x2."""
     done = _plan("--topology", "v5e:2x2", "algorithm.kl.enabled=true", "model.dtype=bfloat16",
-                 "model.attention_impl=auto", "algorithm.pack_length=1024", python=_tpu_python())
+                 "model.attention_impl=auto", "algorithm.pack_length=1024", "model.tiny.head_dim=128",
+                 python=_tpu_python())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     table = done.stdout
     assert "v5e:2x2 (v5e:2x2, 4 chips, 4 devices)" in table and "note: attention splash" in table
+    assert "note: decode attention: paged, JAX's ragged_paged_attention kernel" in table  # compiled for the TPU
     for program in (*PROGRAMS, "ref_logprobs"):
         assert any(line.startswith(program + " ") for line in table.splitlines()), table
     assert "resident per device: params" in table and "reference" in table and "KV cache" in table

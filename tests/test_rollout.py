@@ -64,10 +64,10 @@ def greedy_reference(hf_model, prompt, max_tokens: int) -> list[int]:
     return generated[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("first_window", [4, 512], ids=["windows-32-64", "one-window"])
-def test_greedy_matches_transformers_generate(hf_folder, first_window):
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_greedy_matches_transformers_generate(hf_folder, block_size):
     folder, hf_model = hf_folder
-    sampler = JaxSampler(load_hf_checkpoint(folder), first_decode_window=first_window)
+    sampler = JaxSampler(load_hf_checkpoint(folder), block_size=block_size)
     out = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40))
     for prompt, (completion,) in zip(PROMPTS, out):
         expected = greedy_reference(hf_model, prompt, 40)
@@ -76,7 +76,7 @@ def test_greedy_matches_transformers_generate(hf_folder, first_window):
 
 
 def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
-    sampler = JaxSampler(tiny_model, first_decode_window=3)  # attention windows of 32 and 64 cache slots
+    sampler = JaxSampler(tiny_model, block_size=4)  # rows over many blocks, the last one partly filled
     filtered = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=50, max_tokens=24, seed=1)
     sampled = sampler.generate(PROMPTS, filtered)  # the log-probs stay those of the full distribution
     greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
@@ -89,13 +89,13 @@ def test_logprobs_equal_the_trainers_recomputed_logprobs(tiny_model):
 
 def record_calls(sampler: JaxSampler, name: str) -> list[tuple]:
     """(positional arguments, result) of every later call of one of the sampler's jitted pieces."""
-    calls, jitted = [], getattr(sampler._jitted, name)
+    calls, jitted = [], getattr(sampler._steps, name)
 
     def recorded(*args, **kwargs):
         calls.append((args, jitted(*args, **kwargs)))
         return calls[-1][1]
 
-    setattr(sampler._jitted, name, recorded)
+    setattr(sampler._steps, name, recorded)
     return calls
 
 
@@ -107,7 +107,7 @@ def test_rows_admitted_into_a_running_batch_decode_as_if_alone(hf_folder):
     model = load_hf_checkpoint(folder)
     prompts = PROMPTS + [[3, 4], list(range(40, 52)), [7] * 9, list(range(60, 66))]
     stop_ids = tuple(range(60, 100))
-    sampler = JaxSampler(model, max_batch_rows=2, first_decode_window=4)
+    sampler = JaxSampler(model, max_batch_rows=2, block_size=4)
     inserts = record_calls(sampler, "insert")
     greedy = sampler.generate(prompts, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stop_ids))
     assert len(inserts) >= 3
@@ -147,38 +147,62 @@ def test_sampling_on_a_mesh_splits_rows_not_weights(tiny_model, mesh_shape):
         assert set(jax.tree.leaves(tuple(leaf.sharding.spec))) <= {"tensor"}
     q_proj = sampler._state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]  # [hidden, heads * dim]
     assert q_proj.sharding.shard_shape(q_proj.shape) == (q_proj.shape[0], q_proj.shape[1] // tensor)
-    _, decode = decodes[0]
-    keys = decode.cache.keys[0]  # 12 rows in a 16-row batch, 2 KV heads
-    assert keys.sharding.shard_shape(keys.shape) == (16 // (data * fsdp), 2 // tensor, keys.shape[2], keys.shape[3])
-    assert decode.tokens.sharding.shard_shape(decode.tokens.shape) == (16 // (data * fsdp), 12)
+    _, (pools, rows) = decodes[0]
+    for pool in pools[0]:  # keys, values [2 KV heads, blocks, block size, head_dim]: blocks split as rows
+        assert pool.sharding.shard_shape(pool.shape) == (2 // tensor, pool.shape[1] // (data * fsdp),
+                                                         *pool.shape[2:])
+    assert rows.tokens.sharding.shard_shape(rows.tokens.shape) == (16 // (data * fsdp), 12)  # 12 rows, 16 slots
 
 
-def test_kv_cache_bytes_bounds_the_batch(tiny_model):
-    cfg = tiny_model.config
-    row_bytes = 64 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # 64 fp32 slots
-    assert JaxSampler(tiny_model, max_batch_rows=100).batch_rows(300, 64) == 64
-    assert JaxSampler(tiny_model, max_batch_rows=100).batch_rows(5, 64) == 8
-    assert JaxSampler(tiny_model, kv_cache_bytes=3 * row_bytes).batch_rows(300, 64) == 2
-    assert JaxSampler(tiny_model, kv_cache_bytes=4 * row_bytes).batch_rows(300, 64) == 4
-    assert JaxSampler(tiny_model, max_batch_rows=6).batch_rows(300, 64) == 4
-    tight = JaxSampler(tiny_model, kv_cache_bytes=row_bytes - 1)
-    with pytest.raises(KiminaError, match=r"kv_cache_bytes=.* holds no row of 64 cache slots .* rollout.jax"):
-        tight.batch_rows(1, 64)
-    with pytest.raises(KiminaError, match=r"holds no row of 64 cache slots"):  # 5-token prompt: 16 + 48 slots
-        tight.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=48))
-    (completion,) = JaxSampler(tiny_model, kv_cache_bytes=row_bytes).generate(
-        [[5, 6, 7, 8, 9]], SamplingParams(max_tokens=48, seed=0)
-    )[0]
-    assert len(completion.token_ids) >= 1
-    # On a mesh the budget is per device: rows split over data x fsdp, KV heads (2 here) over tensor.
-    graphdef, state = nnx.split(tiny_model)
-    for (data, fsdp, tensor), rows_at_3 in (((1, 8, 1), 16), ((2, 2, 2), 16), ((1, 1, 8), 2)):
-        on_mesh = nnx.merge(graphdef, shard_params(state, make_mesh(data, fsdp, tensor)))
-        budget = JaxSampler(on_mesh, kv_cache_bytes=3 * row_bytes)
-        assert budget.batch_rows(300, 64) == rows_at_3, (data, fsdp, tensor)
-        assert budget.batch_rows(2, 64) == 2  # two rows, not split over 8 devices: both on every device
-    fsdp8 = nnx.merge(graphdef, shard_params(state, make_mesh(1, 8, 1)))
-    assert JaxSampler(fsdp8, kv_cache_bytes=row_bytes).batch_rows(4, 64) == 1  # 4 rows could not be split
+def blocks_bytes(model, blocks: int, block_size: int = 16) -> int:
+    cfg = model.config
+    return blocks * block_size * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32
+
+
+def test_a_pool_smaller_than_one_row_is_refused_and_a_tight_one_preempts(tiny_model):
+    """kv_cache_bytes is the block pool: one row at its longest must fit (else a clear error); a pool that holds
+    fewer rows than want to run admits by free blocks and preempts, and the seeded samples stay the same."""
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 40)), [3] * 30]  # 5-token prompt: 16 + 48 slots = 4 blocks
+    with pytest.raises(KiminaError, match=r"rollout.jax.kv_cache_bytes holds 3 KV blocks .* one row of 64 tokens"):
+        JaxSampler(tiny_model, kv_cache_bytes=blocks_bytes(tiny_model, 4) - 1).generate(
+            prompts[:1], SamplingParams(max_tokens=48))
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=2)
+    roomy = JaxSampler(tiny_model, eos_token_ids=())
+    expected = roomy.generate(prompts, params)
+    assert roomy.last_call.preempted == 0 and roomy.last_call.max_rows == 9
+    tight = JaxSampler(tiny_model, eos_token_ids=(), kv_cache_bytes=blocks_bytes(tiny_model, 10))
+    got = tight.generate(prompts, params)
+    stats = tight.last_call
+    assert stats.preempted >= 2 and stats.max_rows < 9 and stats.peak_blocks == 1.0
+    assert stats.blocks_held_after == 0  # every block free again
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in expected]
+    for row, same in zip(got, expected):
+        for completion, reference in zip(row, same):
+            np.testing.assert_allclose(completion.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+    metrics = tight.take_metrics()
+    assert metrics["rollout/preempted"] == stats.preempted and metrics["rollout/kv_blocks_used/max"] == 1.0
+    assert 1 <= metrics["rollout/rows_in_flight/mean"] <= metrics["rollout/rows_in_flight/max"] == stats.max_rows
+    assert tight.take_metrics() == {}  # taken: nothing since
+
+
+def test_a_prompt_is_prefilled_once_for_its_samples_which_share_its_blocks(tiny_model):
+    """Four samples of a 40-token prompt (two full blocks of 16 and a partial one): one prefill of one sequence;
+    the samples hold the two full blocks together and one block each (the partial one copied, then written)."""
+    sampler = JaxSampler(tiny_model, eos_token_ids=())
+    prefills = record_calls(sampler, "prefill")
+    (completions,) = sampler.generate([list(range(1, 41))], SamplingParams(n=4, max_tokens=8, seed=0))
+    assert sampler.last_call.prefilled == 1 and len(prefills) == 1
+    (_, pools, tokens, lengths, tables), _ = prefills[0]
+    assert tokens.shape[0] == 1 and int(lengths[0]) == 40
+    pool_size = pools[0][0].shape[1]  # keys [kv_heads, blocks, block_size, head_dim]
+    # Peak: 2 shared + 4 own blocks, and the prompt's partial block until copied.
+    assert sampler.last_call.peak_blocks * pool_size == 2 + 4 + 1
+    assert sampler.last_call.blocks_held_after == 0
+    greedy = SamplingParams(n=4, max_tokens=8, temperature=0)
+    assert len({c.token_ids for c in sampler.generate([list(range(1, 41))], greedy)[0]}) == 1
+    alone = JaxSampler(tiny_model, eos_token_ids=(), max_batch_rows=1).generate(
+        [list(range(1, 41))], SamplingParams(n=4, max_tokens=8, seed=0))[0]
+    assert [c.token_ids for c in completions] == [c.token_ids for c in alone]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -235,10 +259,10 @@ def test_samples_come_back_grouped_complete_and_reproducible(tiny_model):
     stop_ids = tuple(range(30, 90))  # many stop ids, so that some rows stop early
     params = SamplingParams(n=3, max_tokens=8, seed=7, stop_token_ids=stop_ids)
     small_batches = JaxSampler(tiny_model, max_batch_rows=2).generate(PROMPTS, params)
-    sampler = JaxSampler(tiny_model, max_batch_rows=64, first_decode_window=2)
+    sampler = JaxSampler(tiny_model, max_batch_rows=64, block_size=2)
     prefills = record_calls(sampler, "prefill")
     one_batch = sampler.generate(PROMPTS, params)
-    assert [args[1].shape[0] for args, _ in prefills] == [4]  # 3 prompts prefilled once for 9 rows (a 16-row batch)
+    assert [args[2].shape[0] for args, _ in prefills] == [4]  # 3 prompts prefilled once for 9 rows (a 16-row batch)
     assert len(small_batches) == len(PROMPTS)
     stops = set(stop_ids) | {EOS}
     for i, row in enumerate(small_batches):

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kimina_jax.models import KVCache, Qwen3Config, Qwen3ForCausalLM
+from kimina_jax.models import PagedKVCache, Qwen3Config, Qwen3ForCausalLM
 from kimina_jax.models.attention import xla_attention
+from kimina_jax.models.paged import init_pools
 from kimina_jax.models.qwen3.model import rotary
 from kimina_jax.parallel import make_mesh, param_shardings
 from kimina_jax.rollout import JaxSampler, SamplingParams
-from kimina_jax.rollout.jax_sampler import _pick_tokens
+from kimina_jax.rollout.sampling import pick_tokens
 
 CONFIG = Qwen3Config(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,55 +48,29 @@ def full_forward_kv(model: Qwen3ForCausalLM, ids: jax.Array) -> list[tuple[np.nd
     return kv
 
 
-def test_cache_after_prefill_and_decode_holds_the_full_forwards_keys_and_values_head_major():
+def test_paged_cache_after_prefill_and_decode_holds_the_full_forwards_keys_and_values_in_its_blocks():
+    """The sampler's prefill path then decode steps: each row's blocks (the XLA path's split layout: keys and
+    values [kv_heads, blocks, block_size, D]) hold what a forward without cache computes, slot p of the row's
+    blocks for position p; blocks no row owns stay empty."""
     model = tiny_model()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(2, 9)), jnp.int32)
-    prefix, slots = 5, 16
-    cache = KVCache.init(CONFIG, batch=2, slots=slots).replace(prefill=True)  # the sampler's prefill path
+    prefix, block_size = 5, 4
+    tables = jnp.asarray([[5, 1, 3], [0, 4, 2]], jnp.int32)
+    pools = init_pools(CONFIG.num_hidden_layers, CONFIG.num_key_value_heads, CONFIG.head_dim, 7, block_size,
+                       jnp.float32, "xla")
+    cache = PagedKVCache(pools, tables, jnp.zeros(2, jnp.int32), pairs=8, prefill=True)
     _, cache = model(ids[:, :prefix], None, None, cache=cache)
-    assert not cache.prefill
+    cache = cache.replace(prefill=False)
     for t in range(prefix, ids.shape[1]):
         _, cache = model(ids[:, t : t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32), cache=cache)
-    for (keys, values), cached_k, cached_v in zip(full_forward_kv(model, ids), cache.keys, cache.values):
-        assert cached_v.shape == (2, CONFIG.num_key_value_heads, slots, CONFIG.head_dim)
-        assert cached_k.shape == (2, CONFIG.num_key_value_heads, CONFIG.head_dim, slots)  # keys transposed
-        cached_k = cached_k.swapaxes(2, 3)
-        np.testing.assert_allclose(np.asarray(cached_k)[:, :, :9], keys, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(cached_v)[:, :, :9], values, atol=1e-5)
-        assert not np.asarray(cached_k)[:, :, 9:].any() and not np.asarray(cached_v)[:, :, 9:].any()
-
-
-def decode_windows(sampler: JaxSampler) -> list[int]:
-    """The cache slots of every later decode call's batch."""
-    windows, decode = [], sampler._jitted.decode
-
-    def recorded(state, batch, *args, **kwargs):
-        windows.append(batch.cache.segment_ids.shape[1])
-        assert {k.shape[3] for k in batch.cache.keys} == {v.shape[2] for v in batch.cache.values} == {windows[-1]}
-        return decode(state, batch, *args, **kwargs)
-
-    sampler._jitted.decode = recorded
-    return windows
-
-
-def test_the_decode_cache_holds_its_window_growing_and_shrinking_between_calls():
-    """Two long prompts decode in a 64-slot cache (not the 84 slots of the rows' capacity); once they leave, the
-    short prompts admitted into their batch rows decode in 16 slots, then 32 as they grow past 16 tokens. What is
-    sampled is what one window of the whole capacity samples."""
-    model = tiny_model()
-    prompts = [list(range(1, 41)), list(range(41, 81)), [1, 2, 3], [4, 5, 6]]
-    params = SamplingParams(temperature=1.0, max_tokens=20, seed=2)
-    sampler = JaxSampler(model, max_batch_rows=2, first_decode_window=16)
-    windows = decode_windows(sampler)
-    windowed = sampler.generate(prompts, params)
-    assert windows[0] == 64 and 16 in windows and windows[-1] == 32 and max(windows) == 64, windows
-    whole = JaxSampler(model, max_batch_rows=2, first_decode_window=1024)
-    whole_windows = decode_windows(whole)
-    reference = whole.generate(prompts, params)
-    assert set(whole_windows) == {64 + 20}  # prompt bucket + max_tokens
-    for (got,), (expected,) in zip(windowed, reference):
-        assert list(got.token_ids) == list(expected.token_ids) and len(got.token_ids) == 20
-        np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    for (keys, values), (key_pool, value_pool) in zip(full_forward_kv(model, ids), cache.pools):
+        key_pool, value_pool = np.asarray(key_pool), np.asarray(value_pool)  # [kv_heads, blocks, block_size, D]
+        for row in range(2):
+            for expected, pool in ((keys[row], key_pool), (values[row], value_pool)):
+                slots = pool[:, np.asarray(tables[row])].reshape(CONFIG.num_key_value_heads, -1, CONFIG.head_dim)
+                np.testing.assert_allclose(slots[:, :9], expected, atol=1e-5)
+                assert not slots[:, 9:].any()
+        assert not key_pool[:, 6].any() and not value_pool[:, 6].any()
 
 
 def masked_attention_reference(q, k, v, mask, scale) -> np.ndarray:
@@ -155,7 +130,7 @@ def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
     expected = kept_distribution(logits, temperature, top_k, top_p)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(draws))
     filters = top_k > 0 or top_p < 1.0
-    pick = jax.jit(_pick_tokens, static_argnums=(5, 6))
+    pick = jax.jit(pick_tokens, static_argnums=(5, 6))
     tokens, logprobs = pick(jnp.asarray(np.broadcast_to(logits, (draws, vocab)), jnp.float32), keys,
                             jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), False, filters)
     tokens = np.asarray(tokens)
@@ -179,7 +154,7 @@ def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
 def test_greedy_takes_the_argmax():
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 300)), jnp.float32)
     keys = jax.random.split(jax.random.key(0), 4)
-    tokens, logprobs = _pick_tokens(logits, keys, 1.0, 1.0, 0, True, False)
+    tokens, logprobs = pick_tokens(logits, keys, 1.0, 1.0, 0, True, False)
     assert np.asarray(tokens).tolist() == np.argmax(np.asarray(logits), axis=-1).tolist()
     np.testing.assert_allclose(np.asarray(logprobs), np.asarray(jax.nn.log_softmax(logits)).max(axis=-1), atol=1e-6)
 
@@ -200,7 +175,7 @@ def test_a_draw_takes_one_random_number_per_row_not_per_token(filters):
     rows, vocab = 4, 1000
     logits = jnp.zeros((rows, vocab), jnp.float32)
     keys = jax.random.split(jax.random.key(0), rows)
-    jaxpr = jax.make_jaxpr(lambda logits, keys: _pick_tokens(
+    jaxpr = jax.make_jaxpr(lambda logits, keys: pick_tokens(
         logits, keys, jnp.float32(1.0), jnp.float32(0.9), jnp.int32(5), False, filters))(logits, keys)
     sizes = _random_bits_sizes(jaxpr.jaxpr)
     assert sizes and max(sizes) <= rows, sizes

@@ -34,6 +34,7 @@ SPEC9_TAGS = [
     "timing_s/gen", "timing_s/verify", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/sync_weights",
     "timing_s/save_checkpoint",
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "reward/unverified", "reward/cache_hit_rate",
+    "rollout/rows_in_flight/mean", "rollout/rows_in_flight/max", "rollout/kv_blocks_used/max", "rollout/preempted",
 ]
 
 

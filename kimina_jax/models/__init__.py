@@ -6,10 +6,11 @@ from kimina_jax.models.hf import (
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
-from kimina_jax.models.qwen3 import KVCache, Qwen3ForCausalLM, param_names
+from kimina_jax.models.paged import PagedKVCache
+from kimina_jax.models.qwen3 import Qwen3ForCausalLM, param_names
 
 __all__ = [
-    "KVCache",
+    "PagedKVCache",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "abstract_model",

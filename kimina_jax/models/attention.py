@@ -2,9 +2,7 @@
 rows (training and log-prob passes), where materialising [heads, T, T] scores is what limits long rows.
 
 `model.attention_impl` picks one:
-- `xla`: scores in float32, any shape; the sampler's decode steps always use it, reading the head-major KV cache
-  as it is stored (`cached_attention`, no transpose of the cache). Over packed rows longer
-  than `XLA_BLOCK` it is blockwise (`blockwise_attention`): key blocks that share no segment with a query block
+- `xla`: scores in float32, any shape. Over packed rows longer than `XLA_BLOCK` it is blockwise (`blockwise_attention`): key blocks that share no segment with a query block
   are never computed, nor is any [T, T] buffer. Rows of one block keep the dense masked softmax: nothing to
   skip, and on CPU it was the faster one for rows of 32-64 tokens (from 256 tokens up the blockwise forward and
   backward were about 3x faster even with 2 sequences per row);
@@ -16,7 +14,8 @@ rows (training and log-prob passes), where materialising [heads, T, T] scores is
 - `auto`: `cudnn` on GPU (`triton` for float32 compute or a cuDNN older than 9.6), `splash` on TPU, `xla`
   elsewhere. The platform is the one compiled for (`target_platform`): a TPU topology's when a CPU host compiles
   for it ahead of time (`kimina_jax.plan`), the kernels then compiled for real, not in interpret mode.
-Flash kernels need rows whose length is a multiple of `FLASH_BLOCK`; shorter or odd rows, cheap anyway, use
+The rollout engine's decode steps read a paged KV cache instead (`models.paged`). Flash kernels need rows whose
+length is a multiple of `FLASH_BLOCK`; shorter or odd rows, cheap anyway, use
 `xla`. Off their platform the Pallas kernels run in Pallas interpret mode (slow; that is how CPU tests check
 them against `xla`). Under a mesh set with `jax.set_mesh` the kernels run per shard (`jax.shard_map`): rows and
 heads split as the logical-axis rules split a batch's rows and the KV heads.

@@ -74,6 +74,10 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, model_or_params: Any) -> None:
         """Use these weights from now on: a `Qwen3ForCausalLM` or its `nnx.state(model, nnx.Param)`."""
 
+    def take_metrics(self) -> dict[str, float]:
+        """The engine's own statistics over the calls since the last time (metric name -> value); none here."""
+        return {}
+
     def sleep(self) -> None:
         """Release accelerator memory until `wake` (no-op where there is nothing to release)."""
 

@@ -1,24 +1,23 @@
 """Dense Qwen3 as a Flax NNX module, computing what Hugging Face's `Qwen3ForCausalLM` computes (SPEC 2).
 
 Rows may be packed: `segment_ids` (0 = padding) keep attention inside one sequence, and `positions`
-restart per sequence. Decoding uses a `KVCache` whose slots carry segment ids too, so padded prompts and
-generated tokens share one masking rule: a query sees the earlier-or-equal slots of its own segment. The cache
-is head-major and holds keys transposed, the layouts decode attention reads as they are (`cached_attention`): a
-step transposes only its new entries.
+restart per sequence. Decoding writes keys and values into a paged KV cache (`models.paged.PagedKVCache`): a
+token at position p of a row goes to slot p of the row's blocks, and a decode step reads the row's own blocks.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from kimina_jax.models.attention import (
-    ATTENTION_IMPLS, AttentionImpl, attention_mask, cached_attention, segment_attention,
+    ATTENTION_IMPLS, AttentionImpl, segment_attention,
 )
 from kimina_jax.models.config import Qwen3Config
 from kimina_jax.models.mesh_hints import constrain
+from kimina_jax.models.paged import PagedKVCache, write_and_attend
 
 # Activation recomputation in the backward pass, per decoder layer: none; everything (only each layer's input is
 # kept); or all but the outputs of the weight matmuls (q/k/v/o and MLP projections: more memory, less compute).
@@ -26,38 +25,11 @@ RematPolicy = Literal["none", "full", "save_dots"]
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_dots")
 
 
-@struct.dataclass
-class KVCache:
-    """Per-layer keys [batch, kv_heads, head_dim, slots] and values [batch, kv_heads, slots, head_dim], slot segment
-    ids, each row's next write slot. Keys are stored transposed: on CPU a query-key product with the slots last
-    ran 14x faster than with the head dimension last (XLA:CPU's YNNPACK dots, 64 rows x 576 slots).
+class PagedLayer(NamedTuple):
+    """A decoder layer's view of a `PagedKVCache`."""
 
-    Rows advance independently (a sampler can start a new sequence in one row while the others go on).
-
-    `prefill` (static): the cache is empty, so the tokens written attend among themselves (flash kernels) instead
-    of through the cache; the cache a forward returns is not.
-    """
-
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    segment_ids: jax.Array  # [batch, slots] int32, 0 = empty
-    index: jax.Array  # [batch] int32: slot where the row's next tokens are written
-    prefill: bool = struct.field(pytree_node=False, default=False)
-
-    @classmethod
-    def init(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
-        heads, dim, layers = config.num_key_value_heads, config.head_dim, range(config.num_hidden_layers)
-        return cls(
-            keys=tuple(jnp.zeros((batch, heads, dim, slots), dtype) for _ in layers),
-            values=tuple(jnp.zeros((batch, heads, slots, dim), dtype) for _ in layers),
-            segment_ids=jnp.zeros((batch, slots), jnp.int32),
-            index=jnp.zeros((batch,), jnp.int32),
-        )
-
-    def map_slots(self, fn) -> "KVCache":
-        """The cache with `fn(array, axis)` applied to every array indexed by slot, `axis` being its slot axis."""
-        return self.replace(keys=tuple(fn(a, 3) for a in self.keys), values=tuple(fn(a, 2) for a in self.values),
-                            segment_ids=fn(self.segment_ids, 1))
+    cache: PagedKVCache
+    layer: int
 
 
 class RMSNorm(nnx.Module):
@@ -71,13 +43,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def write_rows(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int = 0) -> jax.Array:
-    """cache [B, ...] with each row's new entries written from slot index[b] of the row's `axis` (the slots)."""
-    return jax.vmap(lambda row, update, at: jax.lax.dynamic_update_slice_in_dim(row, update, at, axis=axis))(
-        cache, new, index
-    )
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -110,8 +75,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
-                 prefill=False):
+    def __call__(self, x, positions, segment_ids, paged: PagedLayer | None = None):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim))
@@ -120,20 +84,13 @@ class Attention(nnx.Module):
         q = rotary(q, positions, cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta)
         scale = cfg.head_dim**-0.5
-        if layer_cache is None:
+        if paged is None:
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
             return self.o_proj(out.reshape(b, t, -1)), None
-        cached_k, cached_v = layer_cache
-        k_all = write_rows(cached_k, k.transpose(0, 2, 3, 1).astype(cached_k.dtype), cache_index, axis=2)
-        v_all = write_rows(cached_v, v.swapaxes(1, 2).astype(cached_v.dtype), cache_index, axis=1)
-        if prefill:
+        pool, out = write_and_attend(paged.cache, paged.layer, q, k, v, positions, segment_ids, scale)
+        if out is None:  # prefill: whole sequences from position 0 attend among themselves
             out = segment_attention(q, k, v, segment_ids, scale, self.attention_impl)
-        else:
-            q_slots = jnp.arange(t, dtype=jnp.int32)[None, :] + cache_index[:, None]
-            key_slots = jnp.arange(v_all.shape[2], dtype=jnp.int32)
-            mask = attention_mask(segment_ids, cache_segments, q_slots, key_slots)
-            out = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
-        return self.o_proj(out.reshape(b, t, -1)), (k_all, v_all)
+        return self.o_proj(out.reshape(b, t, -1)), pool
 
 
 class MLP(nnx.Module):
@@ -159,13 +116,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None, cache_segments=None,
-                 prefill=False):
-        attn, new_cache = self.self_attn(
-            self.input_layernorm(x), positions, segment_ids, layer_cache, cache_index, cache_segments, prefill
-        )
+    def __call__(self, x, positions, segment_ids, paged: PagedLayer | None = None):
+        attn, pool = self.self_attn(self.input_layernorm(x), positions, segment_ids, paged)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), pool
 
 
 class Qwen3Model(nnx.Module):
@@ -192,33 +146,22 @@ class Qwen3Model(nnx.Module):
         table = constrain(self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype), ("vocab", "act_embed"))
         return jnp.take(table, input_ids, axis=0)
 
-    def __call__(self, input_ids, positions, segment_ids, cache: KVCache | None = None):
+    def __call__(self, input_ids, positions, segment_ids, cache: PagedKVCache | None = None):
         x = _constrain_hidden(self._embed(input_ids))
-        new_keys, new_values = [], []
-        cache_segments = None
         if cache is not None:
-            cache_segments = write_rows(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index)
-        for i, layer in enumerate(self.layers):
-            if cache is None:
-                if self.remat == "none":
-                    x = layer(x, positions, segment_ids)[0]
-                else:
-                    x = _rematted(layer, x, positions, segment_ids, self.remat)
-                x = _constrain_hidden(x)
-                continue
-            x, (keys, values) = layer(x, positions, segment_ids, (cache.keys[i], cache.values[i]), cache.index,
-                                      cache_segments, cache.prefill)
-            new_keys.append(keys)
-            new_values.append(values)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(
-                keys=tuple(new_keys),
-                values=tuple(new_values),
-                segment_ids=cache_segments,
-                index=cache.index + input_ids.shape[1],
-            )
-        return self.norm(x), new_cache
+            pools = []
+            for i, layer in enumerate(self.layers):
+                x, pool = layer(x, positions, segment_ids, PagedLayer(cache, i))
+                pools.append(pool)
+            written = jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
+            return self.norm(x), cache.replace(pools=tuple(pools), lengths=cache.lengths + written)
+        for layer in self.layers:
+            if self.remat == "none":
+                x = layer(x, positions, segment_ids)[0]
+            else:
+                x = _rematted(layer, x, positions, segment_ids, self.remat)
+            x = _constrain_hidden(x)
+        return self.norm(x), None
 
 
 def _constrain_hidden(x: jax.Array) -> jax.Array:
@@ -262,8 +205,9 @@ class Qwen3ForCausalLM(nnx.Module):
                 rngs=rngs, kernel_init=nnx.initializers.normal(0.02),
             )
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Final-normed hidden states [B, T, H] (and the updated cache). Defaults: one unpadded sequence."""
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, cache: PagedKVCache | None = None):
+        """Final-normed hidden states [B, T, H] (and the updated cache). Defaults: one unpadded sequence. With a
+        `PagedKVCache`, tokens are written at their positions' slots (a row's tokens fill its blocks from slot 0)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if segment_ids is None:
@@ -280,7 +224,7 @@ class Qwen3ForCausalLM(nnx.Module):
         """float32 logits for hidden states [..., H]."""
         return jnp.dot(hidden.astype(self.dtype), self.lm_head_kernel(), preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: PagedKVCache | None = None):
         """(logits [B, T, vocab] float32, updated cache or None)."""
         hidden, new_cache = self.hidden_states(input_ids, positions, segment_ids, cache)
         return self.logits(hidden), new_cache
