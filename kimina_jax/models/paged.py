@@ -76,10 +76,10 @@ class PagedKVCache:
     pairs: int = struct.field(pytree_node=False, default=0)
     prefill: bool = struct.field(pytree_node=False, default=False)
 
-    @property
-    def block_size(self) -> int:
-        pool = self.pools[0][0]
-        return pool.shape[1] if pool_layout(self.impl) == "combined" else pool.shape[2]
+
+def pool_shape(pool: tuple[jax.Array, ...], layout: str) -> tuple[int, int]:
+    """(blocks, block_size) of a layer's pool in `layout`."""
+    return pool[0].shape[:2] if layout == "combined" else pool[0].shape[1:3]
 
 
 def init_pools(layers: int, kv_heads: int, head_dim: int, blocks: int, block_size: int, dtype, impl: str):
@@ -125,8 +125,7 @@ def write_and_attend(cache: PagedKVCache, layer: int, q, k, v, positions, segmen
 
 def _write_and_attend_shard(pool, tables, lengths, q, k, v, positions, segment_ids, *, impl, pairs, prefill, scale):
     layout = pool_layout(impl)
-    block_size = pool[0].shape[1] if layout == "combined" else pool[0].shape[2]
-    blocks = pool[0].shape[0] if layout == "combined" else pool[0].shape[1]
+    blocks, block_size = pool_shape(pool, layout)
     block = jnp.take_along_axis(tables, jnp.clip(positions // block_size, 0, tables.shape[1] - 1), axis=1)
     block = jnp.where(segment_ids > 0, block, blocks).reshape(-1)  # out of range: dropped
     offset = (positions % block_size).reshape(-1)
@@ -154,7 +153,7 @@ def xla_paged_attention(q, pool, layout: str, tables, lengths, pairs: int, scale
     """Decode attention in plain XLA over the blocks of all rows as one ragged list: q [B, heads, D], lengths [B]
     (tokens to attend to, per row); at most `pairs` (row, block) pairs in all. Rows with length 0 give zeros."""
     rows, heads, dim = q.shape
-    block_size = pool[0].shape[1] if layout == "combined" else pool[0].shape[2]
+    _, block_size = pool_shape(pool, layout)
     row_blocks = -(-lengths // block_size)
     ends = jnp.cumsum(row_blocks)
     pair = jnp.arange(pairs, dtype=jnp.int32)

@@ -47,7 +47,7 @@ from kimina_jax.rollout.base import (
 )
 from kimina_jax.rollout.kv_blocks import pool_blocks
 from kimina_jax.rollout.paged_scheduler import (
-    MIN_PAIRS, MIN_PROMPT_BUCKET, Generation, GenerationStats, bucket, floor_pow2,
+    MIN_PAIRS, MIN_PROMPT_BUCKET, Generation, GenerationStats, bucket, call_shape,
 )
 from kimina_jax.rollout.paged_steps import EngineSteps, Rows
 from kimina_jax.types import Completion
@@ -173,11 +173,6 @@ class JaxSampler(RolloutEngine):
         return self._pool_makers[key]()
 
 
-def decode_slots(max_batch_rows: int, rows: int, shards: int = 1) -> int:
-    """The decode batch's slots for `rows` rows: a power of two within `max_batch_rows`, at least `shards`."""
-    return bucket(max(shards, min(bucket(rows), floor_pow2(max_batch_rows))))
-
-
 class SamplingPlan(NamedTuple):
     """The sampler's programs lowered ahead of time (`lower_sampling`) and what they hold."""
 
@@ -210,9 +205,7 @@ def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: i
     row_split, head_split = _cache_split(rules_mesh, config.num_key_value_heads)
     prompt_bucket = bucket(prompt_length, MIN_PROMPT_BUCKET)
     slots = prompt_bucket + max_tokens
-    width = bucket(-(-slots // block_size))
-    batch = decode_slots(max_batch_rows, rows, row_split)
-    need = (batch // row_split) * (width + 1)
+    batch, width, need = call_shape(rows, slots, block_size, max_batch_rows, row_split)
     blocks = need if kv_cache_bytes is None else min(need, pool_blocks(config, model.dtype, block_size,
                                                                         kv_cache_bytes, head_split))
     place = lambda shape, dtype, axes: jax.ShapeDtypeStruct(  # noqa: E731

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,21 @@ def floor_pow2(size: int) -> int:
     return 1 << (int(size).bit_length() - 1)
 
 
+class CallShape(NamedTuple):
+    """A call's decode batch and block tables, and the blocks a data shard's pool needs at most."""
+
+    slots: int  # decode batch slots: a power of two within max_batch_rows, at least one per data shard
+    width: int  # block table entries per row: a power of two (the GPU kernel splits tables evenly)
+    pool_need: int  # blocks per data shard with every slot's row at its longest (and one spare block each)
+
+
+def call_shape(rows: int, longest: int, block_size: int, max_batch_rows: int, shards: int) -> CallShape:
+    """The shape of a call of `rows` rows whose longest may cache `longest` tokens (prompt bucket + max_tokens)."""
+    slots = bucket(max(shards, min(bucket(rows), floor_pow2(max_batch_rows))))
+    width = bucket(-(-longest // block_size))
+    return CallShape(slots, width, (slots // shards) * (width + 1))
+
+
 class Generation:
     """The rows of one call, their slots and blocks (host side); `run` returns each row's (tokens, log-probs)."""
 
@@ -94,11 +110,9 @@ class Generation:
         self.sampling = (jnp.asarray(stop_ids or [-1], jnp.int32), jnp.float32(params.temperature),
                          jnp.float32(params.top_p), jnp.int32(params.top_k))
         longest = bucket(max(len(prompts[i]) for i, _ in rows), MIN_PROMPT_BUCKET) + params.max_tokens
-        self.width = bucket(-(-longest // self.block_size))  # table entries per row (a power of two: GPU kernel)
-        slots = max(shards, min(bucket(len(rows)), floor_pow2(engine.max_batch_rows)))
-        self.slots = bucket(slots)
-        per_shard_need = (self.slots // shards) * (self.width + 1)
-        size = per_shard_need if pool_size is None else min(pool_size, per_shard_need)
+        shape = call_shape(len(rows), longest, self.block_size, engine.max_batch_rows, shards)
+        self.slots, self.width = shape.slots, shape.width
+        size = shape.pool_need if pool_size is None else min(pool_size, shape.pool_need)
         if size * self.block_size < longest + self.block_size:
             raise KiminaError(f"rollout.jax.kv_cache_bytes holds {size} KV blocks of {self.block_size} tokens per "
                               f"device, fewer than one row of {longest} tokens needs: raise it or lower "
@@ -198,9 +212,7 @@ class Generation:
     def _preempt(self, slot: int) -> None:
         """Free the slot's blocks and requeue its row, first in line, with what it generated so far."""
         row = int(self.origin[slot])
-        tokens, logprobs, count = jax.device_get(self.steps.take(
-            (self.batch.tokens, self.batch.logprobs, self.batch.count), jnp.asarray([slot])))
-        self.kept[row] = (tokens[0, : count[0]], logprobs[0, : count[0]])
+        (self.kept[row],) = self._generated([slot])
         self.batch = self.steps.finish(self.batch, jnp.asarray([slot], jnp.int32))
         self._release(slot)
         self.waiting.appendleft(row)
@@ -212,12 +224,17 @@ class Generation:
         finished = np.flatnonzero(np.asarray(self.batch.done) & (self.origin >= 0))
         if not len(finished):
             return
-        index = np.concatenate([finished, np.full(bucket(len(finished)) - len(finished), finished[0])])
+        for slot, generated in zip(finished, self._generated(finished)):
+            self.outputs[self.origin[slot]] = generated
+            self._release(slot)
+
+    def _generated(self, slots) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The tokens and log-probs the rows in `slots` generated so far (one copy from the device, its rows
+        padded to a power of two)."""
+        index = np.concatenate([slots, np.full(bucket(len(slots)) - len(slots), slots[0])])
         tokens, logprobs, count = jax.device_get(self.steps.take(
             (self.batch.tokens, self.batch.logprobs, self.batch.count), jnp.asarray(index)))
-        for r, slot in enumerate(finished):
-            self.outputs[self.origin[slot]] = (tokens[r, : count[r]], logprobs[r, : count[r]])
-            self._release(slot)
+        return [(tokens[r, : count[r]], logprobs[r, : count[r]]) for r in range(len(slots))]
 
     def _sequence(self, row: int) -> list[int]:
         i = self.rows[row][0]
