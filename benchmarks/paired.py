@@ -34,6 +34,10 @@ seconds and of the ratios, and compares the median ratio with the issue's goal.
   untimed, and takes the mean of `--offpolicy-steps` steps after pipeline.py's untimed warm-up steps: two trainers
   alive at once would not do, as the off-policy one generates the next step in the background while the other
   would be timed.
+- partial: pipeline.py --long-tail's trained response tokens per second of step time (lognormal lengths, median
+  32, cut at 512, from the stand-in for EOS; 16 prompts x 4 samples per step), `partial` (ours, over_provision
+  1.5) vs `sync` (the peer), a fresh trainer per mode and round as in `offpolicy`; the note gives the exact
+  count that matters on an accelerator, sync / partial in sequential decode iterations per trained token.
 """
 from __future__ import annotations
 
@@ -78,7 +82,7 @@ Side = Callable[[int], tuple[float, float]]
 class Pair:
     ours: Side
     peer: Side
-    note: str = ""
+    note: str | Callable[[], str] = ""  # a callable: read once the rounds ran
     close: Callable[[], None] = lambda: None
 
 
@@ -214,6 +218,33 @@ def offpolicy_pair(steps: int) -> Pair:
                 mode(["rollout.overlap_chunks=1"]), f"step s, mean of {steps} per round", server.stop)
 
 
+def partial_pair(steps: int) -> Pair:
+    """pipeline.py --long-tail's trained response tokens per second of step time, partial (ours) vs sync."""
+    import pipeline
+    from tests.lean_harness.server import LeanServer
+    from tests.lean_harness.venv import ensure_server_venv
+
+    # Partial rollouts meet more prefill and decode shapes: their compilations settle after about 8 steps.
+    args = pipeline.parse_args(["--steps", str(steps), "--warmup", "8", "--long-tail", "--max-tokens", "512"])
+    server = LeanServer(ensure_server_venv(), Path(tempfile.mkdtemp(prefix="paired-lean-")), max_repls=args.repls)
+    server.start()
+    decode = {}
+
+    def mode(name: str) -> Side:
+        def run(round_index: int) -> tuple[float, float]:
+            result = pipeline.run_mode(args, server.url, pipeline.modes(args)[name])
+            decode.setdefault(name, []).append(result["decode_per_token"])
+            return result["step"], result["trained_tok_s"] * result["step"]
+        return run
+
+    def note() -> str:
+        per_round = [s / p for s, p in zip(decode["sync"], decode["partial"])]
+        return (f"trained tokens / step s, mean of {steps} steps per round; decode iterations per trained token "
+                f"sync / partial: {spread(per_round, 2)}")
+
+    return Pair(mode("partial"), mode("sync"), note, server.stop)
+
+
 # name -> (goal: least median ratio, builder). `compiles` is peerless and handled apart.
 ROWS: dict[str, tuple[float, Callable[[argparse.Namespace], Pair]]] = {
     "sampler-long": (1.0, lambda a: sampler_pair(1024, 512, None, a)),
@@ -222,6 +253,7 @@ ROWS: dict[str, tuple[float, Callable[[argparse.Namespace], Pair]]] = {
     "update-tiny": (1.0, lambda a: update_pair("tiny", 4096)),
     "update-29m": (1.0, lambda a: update_pair("29m", a.tokens_29m)),
     "offpolicy": (1.5, lambda a: offpolicy_pair(a.offpolicy_steps)),
+    "partial": (1.5, lambda a: partial_pair(a.offpolicy_steps)),
 }
 
 
@@ -255,7 +287,8 @@ def main() -> None:
                              "decode loop per batch size and window it meets; a training run meets them at its first "
                              "steps and reuses them after)")
     parser.add_argument("--tokens-29m", type=int, default=2048, help="update-29m: tokens per update")
-    parser.add_argument("--offpolicy-steps", type=int, default=4, help="offpolicy: measured steps per mode and round")
+    parser.add_argument("--offpolicy-steps", type=int, default=4,
+                        help="offpolicy, partial: measured steps per mode and round")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -274,7 +307,7 @@ def main() -> None:
             pair.close()
         met = "yes" if statistics.median(ratios) >= goal else "no"
         lines.append(f"| {name} | {spread(ours_s)} | {spread(peer_s)} | {spread(ratios, 2)} | >= {goal} | {met} | "
-                     f"{pair.note} |")
+                     f"{pair.note() if callable(pair.note) else pair.note} |")
         print(lines[-1], flush=True)
 
     print(f"\n{args.rounds} rounds, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.2f} at the end, "

@@ -1,7 +1,9 @@
-"""Wall time of a full training step split by phase: synchronous vs overlapped rollouts vs one-step off-policy.
+"""Wall time of a full training step split by phase: synchronous vs overlapped rollouts vs one-step off-policy;
+with `--long-tail`, synchronous vs overlapped vs partial rollouts on long-tailed responses.
 
     python benchmarks/pipeline.py [--steps 5] [--warmup 5] [--prompts 16] [--n 4] [--max-tokens 128]
                                   [--latency-s 0.25] [--repls 8] [--chunks 2] [--verifier-batch 8] [--in-flight 40]
+    python benchmarks/pipeline.py --long-tail [--max-tokens 512] ...
 
 The tiny recipe on CPU (random tiny Qwen3, JAX sampler) against the real Kimina Lean Server (kimina-ast-server,
 tests/lean_harness) with the stand-in REPL, NOT Lean. The random model writes no proofs, so each completion's
@@ -17,8 +19,15 @@ per request and one request per REPL, each REPL would idle after each proof unti
 Each mode runs `--warmup` untimed steps (compilation: a new response length can bring a new packed shape in the
 first steps), then `--steps` measured steps. The table shows `step` as their mean (wall time / steps: off-policy
 steps alternate between short and long as verification runs ahead, so that is its throughput) and the phases as
-medians, in seconds.
+medians, in seconds; `compile` is the XLA compilation time within a step.
 `rollout` is the trainer's time spent getting a step's samples (generation + verification it waited for).
+
+`--long-tail`: each response stops at a length drawn lognormal (sigma 1) around a median of max_tokens / 16, cut at
+max_tokens (the recipe's shape, 24,576 over a median of about 1.5k, scaled to CPU), by the STAND-IN for EOS of
+tests/length_standin.py (the random model never samples EOS); modes sync, overlapped and partial
+(`rollout.partial.enabled`, over_provision 1.5). Besides the phases: trained response tokens per second of step
+time, and sequential decode iterations per trained token (`rollout/decode_steps`: the exact count, the figure
+that matters on a GPU or TPU, where a decode step costs about the same for few rows as for a full batch).
 """
 from __future__ import annotations
 
@@ -34,6 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+from jax._src.dispatch import BACKEND_COMPILE_EVENT  # noqa: E402
+
 from kimina_jax.config import load_config  # noqa: E402
 from kimina_jax.pipeline import MainProcessRewarder  # noqa: E402
 from kimina_jax.reward import Rewarder  # noqa: E402
@@ -41,9 +53,13 @@ from kimina_jax.reward.extract import normalize_statement  # noqa: E402
 from kimina_jax.train import Trainer  # noqa: E402
 from tests.lean_harness.server import LeanServer  # noqa: E402
 from tests.lean_harness.venv import ensure_server_venv  # noqa: E402
+from tests.length_standin import DrawnLengths, lognormal_length  # noqa: E402
 
 COLUMNS = ("step", "rollout", "gen", "verify", "verify_wait", "gen_wait", "old_log_prob", "update_actor",
-           "sync_weights")
+           "sync_weights", "compile")
+COMPILE_S: list[float] = []  # XLA compilations' seconds, as jax.monitoring reports them
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, seconds, **_: COMPILE_S.append(seconds) if name == BACKEND_COMPILE_EVENT else None)
 
 
 class FixedLatencyProofs(Rewarder):
@@ -79,18 +95,25 @@ def run_mode(args, url: str, overrides: list[str]) -> dict[str, float]:
         trainer = Trainer(cfg)
         verifier = trainer.rewarder.verifier
         trainer.rewarder = MainProcessRewarder(FixedLatencyProofs(verifier, cfg.reward.format, args.latency_s))
+        if args.long_tail:
+            lengths = lognormal_length(max(1, args.max_tokens // 16), args.max_tokens)
+            trainer.engine = DrawnLengths(trainer.engine, lengths, trainer.tokenizer)
         steps = []
         try:
             for _ in range(args.warmup + args.steps):
                 trainer.step += 1
-                started = time.perf_counter()
+                started, compiled = time.perf_counter(), sum(COMPILE_S)
                 metrics = trainer.train_step()
-                steps.append({**metrics, "timing_s/step": time.perf_counter() - started})  # `fit` times the step
+                steps.append({**metrics, "timing_s/step": time.perf_counter() - started,  # `fit` times the step
+                              "timing_s/compile": sum(COMPILE_S) - compiled})
         finally:
             trainer.close()
     measured = steps[args.warmup:]
     phases = {name: statistics.median(m.get(f"timing_s/{name}", 0.0) for m in measured) for name in COLUMNS}
-    return {**phases, "step": statistics.mean(m["timing_s/step"] for m in measured)}
+    trained = sum(m["response_length/mean"] * args.prompts * args.n for m in measured)
+    seconds = sum(m["timing_s/step"] for m in measured)
+    return {**phases, "step": seconds / len(measured), "trained_tok_s": trained / seconds,
+            "decode_per_token": sum(m["rollout/decode_steps"] for m in measured) / trained}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +129,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=2, help="rollout.overlap_chunks of the overlapped modes")
     parser.add_argument("--verifier-batch", type=int, default=8, help="verifier.batch_size (proofs per request)")
     parser.add_argument("--in-flight", type=int, default=40, help="verifier.max_in_flight (requests at once)")
+    parser.add_argument("--long-tail", action="store_true", help="lognormal response lengths; partial rollouts")
     return parser.parse_args(argv)
+
+
+def modes(args) -> dict[str, list[str]]:
+    chunks = f"rollout.overlap_chunks={args.chunks}"
+    third = (["rollout.partial.enabled=true", "rollout.partial.over_provision=1.5"] if args.long_tail
+             else [chunks, "algorithm.off_policy=true"])
+    return {"sync": ["rollout.overlap_chunks=1"], "overlapped": [chunks],
+            "partial" if args.long_tail else "off-policy": third}
 
 
 def main() -> None:
@@ -116,13 +148,8 @@ def main() -> None:
 
     server = LeanServer(ensure_server_venv(), Path(tempfile.mkdtemp(prefix="lean-bench-")), max_repls=args.repls)
     server.start()
-    modes = {
-        "sync": ["rollout.overlap_chunks=1"],
-        "overlapped": [f"rollout.overlap_chunks={args.chunks}"],
-        "off-policy": [f"rollout.overlap_chunks={args.chunks}", "algorithm.off_policy=true"],
-    }
     try:
-        results = {name: run_mode(args, server.url, overrides) for name, overrides in modes.items()}
+        results = {name: run_mode(args, server.url, overrides) for name, overrides in modes(args).items()}
     finally:
         server.stop()
 
@@ -130,11 +157,14 @@ def main() -> None:
           f"{args.max_tokens} tokens per step; real Lean server, {args.repls} stand-in REPLs answering each proof "
           f"after {args.latency_s} s, {args.verifier_batch} per request, <= {args.in_flight} requests in flight; "
           f"overlapped modes in {args.chunks} engine calls; {args.steps} steps after {args.warmup} untimed (s): "
-          "step mean, phase medians")
-    print("| mode       | " + " | ".join(f"{c:>12}" for c in COLUMNS) + " |")
-    print("|------------|" + "|".join("-" * 14 for _ in COLUMNS) + "|")
+          "step mean, phase medians" + ("; lengths lognormal, median max_tokens / 16 (stand-in EOS)" if args.long_tail
+                                        else ""))
+    columns = (*COLUMNS, "trained_tok_s", "decode_per_token")
+    print("| mode       | " + " | ".join(f"{c:>16}" for c in columns) + " |")
+    print("|------------|" + "|".join("-" * 18 for _ in columns) + "|")
     for name, values in results.items():
-        print(f"| {name:<10} | " + " | ".join(f"{values[c]:>12.2f}" for c in COLUMNS) + " |")
+        print(f"| {name:<10} | " + " | ".join(f"{values[c]:>16.4f}" if c == "decode_per_token" else
+                                             f"{values[c]:>16.2f}" for c in columns) + " |")
 
 
 if __name__ == "__main__":

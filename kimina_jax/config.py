@@ -154,6 +154,16 @@ class JaxSamplerConfig:
 
 
 @dataclasses.dataclass
+class PartialRolloutsConfig:
+    """Partial rollouts (Kimi k1.5, APRIL): a step's generation stops once `data.train_batch_size` groups have all
+    their samples finished; unfinished samples are carried and continued in later steps with the weights then."""
+
+    enabled: bool = False
+    over_provision: float = 1.5  # groups in flight per step, as a multiple of data.train_batch_size
+    max_staleness: int = 4  # a group whose oldest token would train more than this many steps later is dropped
+
+
+@dataclasses.dataclass
 class ServerPoolConfig:
     """Engine `vllm-server`: remote OpenAI-compatible vLLM servers."""
 
@@ -179,6 +189,7 @@ class RolloutConfig:
     vllm: VllmConfig = dataclasses.field(default_factory=VllmConfig)
     jax: JaxSamplerConfig = dataclasses.field(default_factory=JaxSamplerConfig)
     servers: ServerPoolConfig = dataclasses.field(default_factory=ServerPoolConfig)
+    partial: PartialRolloutsConfig = dataclasses.field(default_factory=PartialRolloutsConfig)
 
 
 @dataclasses.dataclass
@@ -653,6 +664,8 @@ RANGES: dict[str, str] = {
     "rollout.jax.kv_cache_bytes": "> 0; null: what a call could need",
     "rollout.jax.kv_block_size": "> 0",
     "rollout.servers.timeout_s": "> 0",
+    "rollout.partial.over_provision": ">= 1",
+    "rollout.partial.max_staleness": ">= 1",
     "rollout.servers.retries": ">= 0",
     "verifier.timeout_s": "> 0",
     "verifier.batch_size": "> 0",
@@ -757,6 +770,9 @@ def _check(cfg: TrainConfig, source: str) -> None:
         )
     if cfg.algorithm.adv_estimator == "rloo" and cfg.algorithm.norm_adv_by_std:
         fail("algorithm.adv_estimator 'rloo' has no std normalisation (as in verl); set algorithm.norm_adv_by_std false")
+    partial = cfg.rollout.partial
+    if partial.enabled and cfg.rollout.engine == "vllm-server":
+        fail("rollout.partial.enabled needs rollout.engine jax or vllm: a vllm-server call cannot be stopped part way")
     if cfg.algorithm.filter_groups.enabled and cfg.rollout.n < 2:
         fail("algorithm.filter_groups.enabled needs rollout.n >= 2: a group of one response is never informative")
     if cfg.algorithm.kl.ref_path is not None and not cfg.algorithm.kl.enabled:

@@ -20,7 +20,6 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import jax
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from kimina_jax.errors import KiminaError, VerifierError
 from kimina_jax.parallel import allgather_objects, broadcast_object
 from kimina_jax.reward import LeanClient, PendingSample, RewardFunction
-from kimina_jax.rollout import RolloutEngine, SamplingParams
+from kimina_jax.rollout import RolloutEngine, SamplingParams, WrappedEngine
 from kimina_jax.types import Completion, Prompt, Sample
 from kimina_jax.urls import redact_url
 
@@ -111,6 +110,19 @@ class MainProcessRewarder:
             self.rewarder.close()
 
 
+def collect_in_order(
+    rewarder: MainProcessRewarder, pending: dict, progress: str | None, on_generated: Callable[[], None] | None
+) -> tuple[list[Sample], float]:
+    """`on_generated()`, then the scored samples of `pending` (key -> its pending samples) in key order, and the
+    seconds waited for them; `progress`: a bar's label."""
+    if on_generated is not None:
+        on_generated()
+    start = time.perf_counter()
+    samples = rewarder.collect([p for key in sorted(pending) for p in pending[key]],
+                               None if progress is None else f"{progress} verify")
+    return samples, time.perf_counter() - start
+
+
 class UnverifiedSteps:
     """Counts training steps in a row none of whose samples the verifier judged (server down, refusing, broken):
     after `limit` of them (0: never) the run should checkpoint and stop instead of training on nothing. Every
@@ -139,13 +151,10 @@ class UnverifiedSteps:
             f"the Lean server {self.url} (verifier.max_unverified_steps={self.limit}); last error: {self.last_error}")
 
 
-class ProcessShardedEngine(RolloutEngine):
+class ProcessShardedEngine(WrappedEngine):
     """An engine whose `generate` spreads the prompts over the processes (each one generates a contiguous share
     with its own engine) and gathers the groups, so every process gets all of them (validation across hosts).
     Every process must call `generate` with the same prompts."""
-
-    def __init__(self, engine: RolloutEngine):
-        self.engine = engine
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         share = -(-len(prompt_token_ids) // jax.process_count())
@@ -156,18 +165,6 @@ class ProcessShardedEngine(RolloutEngine):
             groups = self.engine.generate(mine, dataclasses.replace(params, seed=chunk_seed(params.seed, start)))
             local = [[dataclasses.replace(c, prompt_index=start + i) for c in group] for i, group in enumerate(groups)]
         return [group for part in allgather_objects(local) for group in part]
-
-    def update_weights(self, model_or_params: Any) -> None:
-        self.engine.update_weights(model_or_params)
-
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-    def wake(self) -> None:
-        self.engine.wake()
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 class StepRollouts:
@@ -218,15 +215,11 @@ class StepRollouts:
         calls = self._generated.result() if self._generated is not None else self._generate()
         for groups in calls:  # generated inline: each call's groups are exchanged before the next call starts
             self._exchange(groups)
-        if on_generated is not None:
-            on_generated()
-        waiting = time.perf_counter()
-        pending = [p for index in sorted(self._pending) for p in self._pending[index]]
-        samples = self.rewarder.collect(pending, None if self.progress is None else f"{self.progress} verify")
+        samples, waited = collect_in_order(self.rewarder, self._pending, self.progress, on_generated)
         end = time.perf_counter()
         timings = {
             "timing_s/gen": self._gen_s,
-            "timing_s/verify_wait": end - waiting,
+            "timing_s/verify_wait": waited,
             "timing_s/rollout": end - start,
         }
         if self._first_submit is not None and self.rewarder.scores_here:

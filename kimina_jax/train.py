@@ -56,6 +56,7 @@ from kimina_jax.models.attention import resolve_attention_impl
 from kimina_jax.models.hf import resolve_model_folder, to_jax_dtype
 from kimina_jax.models.tiny import build_tiny_model
 from kimina_jax.parallel import (
+    allgather_objects,
     any_process,
     barrier,
     local_replica,
@@ -63,7 +64,8 @@ from kimina_jax.parallel import (
     maybe_initialize_distributed,
     parse_distributed_flags,
 )
-from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts, UnverifiedSteps
+from kimina_jax.partial import PartialRollouts, PartialStepRollouts, staleness
+from kimina_jax.pipeline import MainProcessRewarder, ProcessShardedEngine, StepRollouts, UnverifiedSteps, chunk_seed
 from kimina_jax.reward import FormatError, extra_means, reward_from_config
 from kimina_jax.rollout import SamplingParams, logprob_diff
 from kimina_jax.rollout.factory import make_engine, share_accelerator_with_vllm
@@ -128,7 +130,7 @@ class Trainer:
         self.steps_total = cfg.trainer.total_steps or cfg.trainer.total_epochs * self.data.steps_per_epoch
         self.step_fn = TrainStep(
             self.model, cfg.algorithm, cfg.optim, temperature=cfg.rollout.temperature,
-            total_steps=self.steps_total, mesh=self.mesh,
+            total_steps=self.steps_total, mesh=self.mesh, stale_rollouts=cfg.rollout.partial.enabled,
         )
         self.state = self.step_fn.init_state(self.model, seed=cfg.experiment.seed)
         self.reference = ReferencePolicy.from_config(
@@ -156,7 +158,17 @@ class Trainer:
         self._text_samples: list[Sample] = []
         self.stop = StopRequested(cfg.trainer.stop_grace_s, self.rewarder.abandon)
         # Off-policy: the next step's rollouts, generating while this step trains.
-        self._next_rollouts: StepRollouts | None = None
+        self._next_rollouts: StepRollouts | PartialStepRollouts | None = None
+        self.partial = self._partial_rollouts_state()
+        self._partial_before_ahead: dict | None = None  # the groups in flight before the next step's generation
+
+    def _partial_rollouts_state(self) -> PartialRollouts | None:
+        partial, batch = self.cfg.rollout.partial, self.cfg.data.train_batch_size
+        if not partial.enabled:
+            return None
+        share = batch // jax.process_count()
+        return PartialRollouts(self.cfg.rollout.n, share, batch, jax.process_index() * share,
+                               partial.over_provision, partial.max_staleness)
 
     def _load_model(self):
         m = self.cfg.model
@@ -186,7 +198,7 @@ class Trainer:
         while self.step < self.steps_total and not stopping:
             self.step += 1
             start = time.perf_counter()  # verl's step time: everything up to logging, validation and saving too
-            before = self.data.state_dict()  # what a checkpoint of the previous step holds
+            before = self._resumable_state()  # what a checkpoint of the previous step holds
             try:
                 metrics = self.train_step()
             except VerifierError:  # the step is lost; the run is saved as the previous step left it
@@ -259,6 +271,7 @@ class Trainer:
         rollouts = self._next_rollouts
         if rollouts is not None:
             self.data.use_ahead()
+            self._partial_before_ahead = None
         else:
             rollouts = self._start_rollouts(self.step)
         self._next_rollouts = None
@@ -353,18 +366,30 @@ class Trainer:
             self.data.fix_cache.add(prompts)
         return counts
 
-    def _start_rollouts(self, step: int, ahead: bool = False, gen_batch: int = 0) -> StepRollouts:
+    def _start_rollouts(
+        self, step: int, ahead: bool = False, gen_batch: int = 0
+    ) -> StepRollouts | PartialStepRollouts:
         """Draw training step `step`'s prompts (this process's share) and set up their rollouts; `ahead`: for the
         next step, generating in the background while this one trains; `gen_batch`: the step's generation batch
-        (dynamic sampling), which places its prompts after the earlier batches' (their sampling seeds differ)."""
-        prompts = self.data.next_batch(ahead=ahead)
-        first = gen_batch * self.cfg.data.train_batch_size + jax.process_index() * len(prompts)
+        (dynamic sampling), which places its prompts after the earlier batches' (their sampling seeds differ).
+        With partial rollouts: the groups in flight topped up from the data, generated until this process has its
+        share finished (kimina_jax/partial.py)."""
         label = f"step {step}" + (f" batch {gen_batch + 1}" if gen_batch else "")
-        rollouts = StepRollouts(
-            self.engine, self.rewarder, prompts, first, self._sampling(self.cfg.rollout.n, step=step),
-            self.cfg.rollout.overlap_chunks,
-            progress=label if self.is_main and self.cfg.logging.progress_bars else None,
-        )
+        progress = label if self.is_main and self.cfg.logging.progress_bars else None
+        params = self._sampling(self.cfg.rollout.n, step=step)
+        if self.partial is not None:
+            if ahead:
+                self._partial_before_ahead = self.partial.state_dict()
+            self.partial.top_up(lambda: self.data.next_batch(ahead=ahead), any_process)
+            seed = chunk_seed(params.seed, gen_batch * self.cfg.data.train_batch_size)
+            params = dataclasses.replace(params, seed=seed)
+            rollouts = PartialStepRollouts(self.engine, self.rewarder, self.partial, params, step, self.step,
+                                           self.tokenizer, progress)
+        else:
+            prompts = self.data.next_batch(ahead=ahead)
+            first = gen_batch * self.cfg.data.train_batch_size + jax.process_index() * len(prompts)
+            rollouts = StepRollouts(self.engine, self.rewarder, prompts, first, params,
+                                    self.cfg.rollout.overlap_chunks, progress=progress)
         if ahead:
             rollouts.start_in_background()
         return rollouts
@@ -455,6 +480,7 @@ class Trainer:
             **stats.length_stats("prompt_length", [len(p.token_ids) for p in prompts], cfg.data.max_prompt_length),
             **(stats.format_error_counts(format_checked, [str(e) for e in FormatError]) if format_checked else {}),
             "actor/entropy": batch_agg_metric(entropies, cfg.algorithm.loss_agg_mode, cfg.algorithm.loss_norm_length),
+            **staleness([s.completion for s in kept], self.step),
             "reward/unverified": float(len(samples) - len(verified)),
             **extra_means(samples),
             **self.rewarder.stats(),
@@ -481,12 +507,20 @@ class Trainer:
         return metrics
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _save(self, data_state: dict | None = None) -> None:
-        """A checkpoint of `self.step`; `data_state`: the data iterator's state to store (default: now)."""
+    def _resumable_state(self) -> dict:
+        """The data iterator's state (the position before prompts drawn ahead: a resumed run draws them again; the
+        fix cache; the pass rates) and, with partial rollouts, every process's groups in flight."""
+        state = {"data": self.data.state_dict()}
+        if self.partial is not None:
+            mine = self._partial_before_ahead or self.partial.state_dict()
+            state["partial"] = allgather_objects(mine) if jax.process_count() > 1 else [mine]
+        return state
+
+    def _save(self, resumable: dict | None = None) -> None:
+        """A checkpoint of `self.step`; `resumable`: a `_resumable_state()` to store (default: now)."""
         loop_state = {
             "step": self.step,
-            # The position before prompts drawn ahead (a resumed run draws them again), the fix cache, the pass rates.
-            "data": self.data.state_dict() if data_state is None else data_state,
+            **(self._resumable_state() if resumable is None else resumable),
             "optimizer_updates": int(self.state.step),
             "skipped_updates": int(self.state.skipped_updates),
         }
@@ -495,11 +529,11 @@ class Trainer:
             loop_state=loop_state, config=config_to_dict(self.cfg),
         )
 
-    def _save_and_close(self, data_state: dict | None = None) -> None:
+    def _save_and_close(self, resumable: dict | None = None) -> None:
         """Before a fatal verifier error ends the run: a checkpoint of `self.step`, unless there is one already
         (or nothing was trained)."""
         if self.step > (self.checkpointer.latest_step() or 0):
-            self._save(data_state)
+            self._save(resumable)
             log.warning("checkpoint of step %d written before stopping", self.step)
         self.checkpointer.wait()
         self.close()
@@ -529,10 +563,21 @@ class Trainer:
             skipped_updates=jax.device_put(np.int32(loop["skipped_updates"]), self.state.skipped_updates.sharding),
         )
         self.data.load_state_dict(loop["data"])
+        self._resume_partial(loop.get("partial"))
         self.step = int(loop["step"])
         self.engine.update_weights(self._engine_weights())
         self.writer.restart_at(self.step + 1)  # TensorBoard hides the points of the steps run again
         log.warning("resumed from %s at step %d", self.checkpointer.directory / str(latest), self.step)
+
+    def _resume_partial(self, saved: list | None) -> None:
+        """This process's groups in flight from the checkpoint (none saved: the run starts partial rollouts now)."""
+        if self.partial is None:
+            return
+        if saved is not None and len(saved) != jax.process_count():
+            raise KiminaError(f"cannot resume partial rollouts: the checkpoint holds the groups of {len(saved)} "
+                              f"processes, this run has {jax.process_count()}")
+        if saved is not None:
+            self.partial.load_state_dict(saved[jax.process_index()])
 
     def close(self) -> None:
         self._end_background_generation()

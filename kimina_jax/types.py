@@ -32,6 +32,8 @@ class Completion:
     text: str
     logprobs: np.ndarray  # float32 [len(token_ids)]
     finish_reason: str  # "stop" (EOS / stop token) or "length"
+    # Partial rollouts: the training step whose starting weights sampled each token (None: the step's own).
+    token_steps: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

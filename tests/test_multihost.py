@@ -125,3 +125,32 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     assert _rollouts(resumed, 3) == _rollouts(one, 3)
     for ours, theirs in zip(_params(resumed / "checkpoints/3"), _params(one / "checkpoints/3")):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_with_partial_rollouts_resume_exactly(tmp_path):
+    """Partial rollouts across processes: each process trains its share of the groups it generated, process 0
+    verifies them all; a checkpoint holds every process's groups in flight, so a two-process resume rolls out
+    step 3 as the uninterrupted run, and a resume on another number of processes is refused with a clear error."""
+    partial = ("rollout.partial.enabled=true", "rollout.partial.over_provision=1.5")
+
+    def two_processes(run_dir: Path, steps: int) -> list[str]:
+        launch = ("--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2")
+        return _finish(*(_train(run_dir, 4, f"trainer.total_steps={steps}", *partial, *launch, "--process-id", str(i))
+                         for i in (0, 1)))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    two_processes(straight, 3)
+    for step in (1, 2, 3):
+        lines = _rollouts(straight, step).splitlines()
+        assert len(lines) == 16 and len(set(lines)) == 16  # 4 groups x 4 samples, both processes' shares
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    (resumed / "rollouts" / "step_3.jsonl").unlink()
+    out_0, _ = two_processes(resumed, 3)
+    assert "at step 2" in out_0
+    assert _rollouts(resumed, 3) == _rollouts(straight, 3)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    one = _train(resumed, 8, "trainer.total_steps=3", *partial)
+    out = one.communicate(timeout=600)[0]
+    assert one.returncode == 2 and "the checkpoint holds the groups of 2 processes, this run has 1" in out

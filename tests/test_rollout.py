@@ -2,6 +2,7 @@
 for vLLM, the log-prob mismatch metric and the tpu-inference layout."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
@@ -17,7 +18,9 @@ from kimina_jax.data.tokenizer import build_tiny_tokenizer
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import iter_hf_tensors, load_hf_checkpoint
 from kimina_jax.parallel import make_mesh, shard_params
-from kimina_jax.rollout import JaxSampler, SamplingParams, VllmEngine, logprob_diff, make_completion
+from kimina_jax.rollout import (
+    JaxSampler, SampleRequest, SamplingParams, VllmEngine, logprob_diff, make_completion,
+)
 from kimina_jax.rollout.tpu_inference import to_tpu_inference_layout
 from kimina_jax.rollout.weights import hf_torch_tensors
 from tests.rollout_fixtures import perturbed, trainer_logprobs
@@ -203,6 +206,50 @@ def test_a_prompt_is_prefilled_once_for_its_samples_which_share_its_blocks(tiny_
     alone = JaxSampler(tiny_model, eos_token_ids=(), max_batch_rows=1).generate(
         [list(range(1, 41))], SamplingParams(n=4, max_tokens=8, seed=0))[0]
     assert [c.token_ids for c in completions] == [c.token_ids for c in alone]
+
+
+def test_a_continued_sample_goes_on_as_if_never_stopped(tiny_model):
+    """continue_samples from a response's first tokens gives the uninterrupted response (seeded: a row's stream is
+    its key and token count), the head's log-probs handed back as given; a fresh request equals `generate`'s."""
+    sampler = JaxSampler(tiny_model, eos_token_ids=())
+    params = SamplingParams(max_tokens=24, seed=5)
+    full = sampler.continue_samples(
+        [SampleRequest(tuple(PROMPTS[0]), (7, 1)), SampleRequest(tuple(PROMPTS[1]), (0, 0))], params)
+    assert [len(r.token_ids) for r in full] == [24, 24] and all(r.finish_reason == "length" for r in full)
+    assert full[1].token_ids == sampler.generate([PROMPTS[1]], params)[0][0].token_ids  # key (0, 0): prompt 0, sample 0
+    head = np.full(9, -1.5, np.float32)  # any behaviour log-probs: an older policy's
+    (continued,) = sampler.continue_samples(
+        [SampleRequest(tuple(PROMPTS[0]), (7, 1), full[0].token_ids[:9], head)], params)
+    assert continued.token_ids == full[0].token_ids
+    np.testing.assert_array_equal(continued.logprobs[:9], head)
+    np.testing.assert_allclose(continued.logprobs[9:], full[0].logprobs[9:], atol=1e-5, rtol=0)
+
+
+def test_a_call_stops_when_told_and_hands_back_the_unfinished(tiny_model):
+    """on_finished is told of each request as it finishes; once it says stop, the running and waiting requests
+    come back unfinished with their tokens so far (a waiting continued one with what it had), every block free."""
+    sampler = JaxSampler(tiny_model, eos_token_ids=(), max_batch_rows=4)
+    caps = [3, 5, 40, 40, 40, 40]
+    requests = [SampleRequest(tuple(PROMPTS[i % 3]), (i, 0), max_tokens=cap) for i, cap in enumerate(caps)]
+    requests[5] = dataclasses.replace(requests[5], response=(4, 4), logprobs=np.array([-1.0, -2.0], np.float32))
+    told = []
+
+    def on_finished(i, result):
+        told.append((i, len(result.token_ids), result.finish_reason))
+        return len(told) == 2
+
+    results = sampler.continue_samples(requests, SamplingParams(max_tokens=40, seed=1), on_finished)
+    assert told == [(0, 3, "length"), (1, 5, "length")]
+    assert [r.finished for r in results] == [True, True, False, False, False, False]
+    # Four slots: request 4 started in request 0's, so 2-4 were running and stopped part way; 5 still waited.
+    assert all(0 < len(results[i].token_ids) < 40 for i in (2, 3, 4))
+    assert results[5].token_ids == (4, 4)
+    np.testing.assert_array_equal(results[5].logprobs, [-1.0, -2.0])
+    assert all(len(r.logprobs) == len(r.token_ids) for r in results)
+    assert sampler.last_call.blocks_held_after == 0
+    with pytest.raises(KiminaError, match="request 0 has 2 tokens"):
+        sampler.continue_samples([SampleRequest((5, 6), (0, 0), (1, 2), np.zeros(2, np.float32), max_tokens=2)],
+                                 SamplingParams(max_tokens=8))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

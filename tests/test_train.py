@@ -35,6 +35,7 @@ SPEC9_TAGS = [
     "timing_s/save_checkpoint",
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "reward/unverified", "reward/cache_hit_rate",
     "rollout/rows_in_flight/mean", "rollout/rows_in_flight/max", "rollout/kv_blocks_used/max", "rollout/preempted",
+    "rollout/decode_steps",
 ]
 
 

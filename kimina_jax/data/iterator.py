@@ -36,9 +36,10 @@ class PromptIterator:
     batch would remain, none is left out. `drawn_epoch` and `skipped_solved` describe the latest batch drawn: its
     epoch, and how many rows were left out of that epoch.
 
-    A batch drawn `ahead` (off-policy: for the step after the one training) is not yet part of the run's past:
-    until `use_ahead()`, `state_dict()` gives the position before it, so a run resumed from a checkpoint taken
-    meanwhile draws it again. Extra draws (dynamic sampling) are ordinary draws.
+    Batches drawn `ahead` (off-policy: for the step after the one training; with partial rollouts one or more) are
+    not yet part of the run's past: until `use_ahead()`, `state_dict()` gives the position before the first of
+    them, so a run resumed from a checkpoint taken meanwhile draws them again. Extra draws (dynamic sampling) are
+    ordinary draws.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class PromptIterator:
         self._order_epoch = -1
         self._order = np.arange(0)
         self._before_ahead: dict[str, Any] | None = None
+        self._ahead_draws = 0
         self.drawn_epoch = 0
         self.skipped_solved = 0
 
@@ -87,7 +89,8 @@ class PromptIterator:
     def next_batch(self, ahead: bool = False) -> list[Prompt]:
         """This process's prompts of the next global batch (turn-2 prompts from the fix cache mixed in)."""
         if ahead:
-            self._before_ahead = self._position()
+            self._before_ahead = self._before_ahead or self._position()
+            self._ahead_draws += 1
         order = self._epoch_order()
         start = self.batch * self.batch_size
         rows = order[start : start + self.batch_size]
@@ -129,17 +132,17 @@ class PromptIterator:
         return solved
 
     def use_ahead(self) -> None:
-        """The batch drawn ahead now belongs to the step training on it."""
-        self._before_ahead = None
+        """The batches drawn ahead now belong to the step training on them."""
+        self._before_ahead, self._ahead_draws = None, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The position (before a batch drawn ahead) with the rows left out of its epoch, the fix cache (with that
-        batch's draw undone) and the pass-rate memory."""
+        """The position (before batches drawn ahead) with the rows left out of its epoch, the fix cache (with those
+        batches' draws undone) and the pass-rate memory."""
         position = self._before_ahead or self._position()
         fix_cache = None
         if self.fix_cache is not None:
             fix_cache = self.fix_cache.state_dict()
-            fix_cache["draws"] -= self._before_ahead is not None  # drawing a batch draws once from the cache
+            fix_cache["draws"] -= self._ahead_draws  # drawing a batch draws once from the cache
         return {
             **position, "dataset_size": len(self.dataset), "batch_size": self.batch_size, "fix_cache": fix_cache,
             "pass_rates": self.pass_rates.state_dict(),
@@ -159,7 +162,7 @@ class PromptIterator:
             self.fix_cache.load_state_dict(state["fix_cache"])
         if state.get("pass_rates") is not None:
             self.pass_rates.load_state_dict(state["pass_rates"])
-        self._before_ahead = None
+        self._before_ahead, self._ahead_draws = None, 0
 
 
 def _statement_ids(dataset: Sequence[Prompt]) -> list[str]:

@@ -107,15 +107,18 @@ class TrainStep:
         temperature: float = 1.0,
         total_steps: int | None = None,
         mesh: Mesh | None = None,
+        stale_rollouts: bool = False,
     ):
         """`model` gives the architecture (an abstract model is enough); `temperature` is the rollout's;
         `total_steps` (training steps of the run) sets the cosine schedule's length; `mesh` defaults to the
-        first device alone."""
+        first device alone; `stale_rollouts`: rollouts may come from older weights than the step's (partial
+        rollouts), so the engine's log-probs correct the loss as off-policy's do."""
         if algorithm.micro_batch_rows < 1:
             raise KiminaError(f"algorithm.micro_batch_rows must be >= 1, got {algorithm.micro_batch_rows}")
         if temperature <= 0:
             raise KiminaError(f"rollout temperature must be > 0, got {temperature}")
         self.algorithm = algorithm
+        self.stale_rollouts = stale_rollouts
         self.temperature = temperature
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
         self.rows_multiple = algorithm.micro_batch_rows * num_shards(self.mesh, "batch")
@@ -158,7 +161,7 @@ class TrainStep:
     @property
     def uses_rollout_logp(self) -> bool:
         """Whether `update` corrects the policy loss with the engine's log-probs (truncated importance sampling)."""
-        return self.algorithm.off_policy and self.algorithm.tis_cap > 0
+        return (self.algorithm.off_policy or self.stale_rollouts) and self.algorithm.tis_cap > 0
 
     def init_state(self, model: Qwen3ForCausalLM, seed: int = 0) -> TrainState:
         """The model's parameters placed on the mesh, fresh optimizer state (sharded like the parameters).
@@ -334,7 +337,7 @@ class TrainStep:
         if self.algorithm.kl.enabled and batch.ref_logp is None:
             raise KiminaError("TrainStep.update: algorithm.kl.enabled but the packed batch has no ref_logp")
         if self.uses_rollout_logp and batch.rollout_logp is None:
-            raise KiminaError("TrainStep.update: algorithm.off_policy with tis_cap > 0, but the packed batch has "
+            raise KiminaError("TrainStep.update: off-policy or partial rollouts with tis_cap > 0, but the packed batch has "
                               "no rollout_logp (pack items with the engine's log-probs)")
         return self.update_inputs
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,43 @@ class SamplingParams:
         return sorted(set(self.stop_token_ids) | set(eos_token_ids))
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """One sample to generate, or to continue from its response so far (partial rollouts).
+
+    `key` (group id, sample index) picks the sample's random stream in a seeded call, wherever the request sits in
+    the call; `response` / `logprobs` are its tokens so far and their behaviour log-probs (those of the weights that
+    sampled each), handed back unchanged at the head of the result; `max_tokens` caps the whole response, tokens so
+    far included (None: the call's `SamplingParams.max_tokens`).
+    """
+
+    prompt_token_ids: tuple[int, ...]
+    key: tuple[int, int]
+    response: tuple[int, ...] = ()
+    logprobs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    max_tokens: int | None = None
+
+    def cap(self, params: SamplingParams) -> int:
+        return params.max_tokens if self.max_tokens is None else self.max_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """A request's whole response so far; `finish_reason` "stop" / "length", or None while unfinished."""
+
+    token_ids: tuple[int, ...]
+    logprobs: np.ndarray  # float32 [len(token_ids)]
+    finish_reason: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# Called as request i finishes, with its result; True: the call may stop (the others come back unfinished).
+OnFinished = Callable[[int, SampleResult], bool]
+
+
 class RolloutEngine(abc.ABC):
     """Samples completions from the current policy weights. Also a context manager (`close` on exit)."""
 
@@ -73,6 +110,15 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, model_or_params: Any) -> None:
         """Use these weights from now on: a `Qwen3ForCausalLM` or its `nnx.state(model, nnx.Param)`."""
+
+    def continue_samples(
+        self, requests: Sequence[SampleRequest], params: SamplingParams, on_finished: OnFinished | None = None
+    ) -> list[SampleResult]:
+        """Each request's response generated (one sample a request: `params.n` is not used) until it stops, or
+        until `on_finished` returns True: then the call returns at once, the requests still running or waiting
+        unfinished with what they have. The engines that can stop a call part way implement it."""
+        raise KiminaError(f"{type(self).__name__} cannot continue samples (partial rollouts need rollout.engine "
+                          "jax or vllm)")
 
     def take_metrics(self) -> dict[str, float]:
         """The engine's own statistics over the calls since the last time (metric name -> value); none here."""
@@ -92,6 +138,29 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class WrappedEngine(RolloutEngine):
+    """An engine that samples through another (`engine`), whose weights, metrics, memory and closing these are;
+    subclasses say how they sample."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+
+    def update_weights(self, model_or_params: Any) -> None:
+        self.engine.update_weights(model_or_params)
+
+    def take_metrics(self) -> dict[str, float]:
+        return self.engine.take_metrics()
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def as_model(model_or_params: Any, graphdef: nnx.GraphDef) -> Qwen3ForCausalLM:
@@ -146,6 +215,31 @@ def check_prompts(
             )
         prompts.append(ids)
     return prompts
+
+
+def check_requests(
+    requests: Sequence[SampleRequest], params: SamplingParams, max_len: int, vocab_size: int
+) -> list[SampleRequest]:
+    """Validated requests: prompts as `check_prompts` checks them (against each request's own cap), a response
+    shorter than the cap with one log-prob per token."""
+    if len(requests) == 0:
+        raise KiminaError("continue_samples: the request list is empty")
+    checked = []
+    for i, request in enumerate(requests):
+        cap = request.cap(params)
+        (prompt,) = check_prompts([request.prompt_token_ids], dataclasses.replace(params, max_tokens=max(cap, 1)),
+                                  max_len, vocab_size)
+        response = tuple(int(t) for t in request.response)
+        logprobs = np.asarray(request.logprobs, np.float32)
+        if not 1 <= cap <= params.max_tokens or len(response) >= cap or logprobs.shape != (len(response),):
+            raise KiminaError(f"continue_samples: request {i} has {len(response)} tokens, {logprobs.shape} log-probs "
+                              f"and a cap of {cap} (at most max_tokens={params.max_tokens}): it must have one log-prob "
+                              "per token and fewer tokens than its cap")
+        bad = next((t for t in response if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise KiminaError(f"continue_samples: request {i}'s response has token id {bad}, outside the vocabulary")
+        checked.append(dataclasses.replace(request, prompt_token_ids=prompt, response=response, logprobs=logprobs))
+    return checked
 
 
 def find_eos_token_ids(config: Qwen3Config, tokenizer=None, folder: str | Path | None = None) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,10 +39,14 @@ from kimina_jax.models import Qwen3ForCausalLM
 from kimina_jax.models.paged import init_pools, paged_impl, pool_layout, pool_specs
 from kimina_jax.parallel import SAMPLING_RULES, logical_to_mesh, num_shards, param_shardings
 from kimina_jax.rollout.base import (
+    OnFinished,
     RolloutEngine,
+    SampleRequest,
+    SampleResult,
     SamplingParams,
     as_model,
     check_prompts,
+    check_requests,
     make_completion,
     resolve_eos_token_ids,
 )
@@ -127,31 +132,60 @@ class JaxSampler(RolloutEngine):
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts = check_prompts(prompt_token_ids, params, self.max_len, self.config.vocab_size)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        outputs, _ = self._run(prompts, [i for i, _ in rows], rows, params)
+        stop_ids = params.stop_ids(self.eos_token_ids)
+        results = {}
+        for (i, j), (ids, logprobs) in zip(rows, outputs):
+            results[i, j] = make_completion(i, j, ids, logprobs, _finish_reason(ids, stop_ids), self.tokenizer)
+        return [[results[i, j] for j in range(params.n)] for i in range(len(prompts))]
+
+    def continue_samples(
+        self, requests: Sequence[SampleRequest], params: SamplingParams, on_finished: OnFinished | None = None
+    ) -> list[SampleResult]:
+        """Requests of one prompt that start afresh, next to each other, are prefilled once (as a prompt's samples
+        are in `generate`); a continued one is prefilled with its response so far."""
+        requests = check_requests(requests, params, self.max_len, self.config.vocab_size)
+        index: dict[tuple[int, ...], int] = {}
+        rows = [index.setdefault(r.prompt_token_ids, len(index)) for r in requests]
+        caps = [r.cap(params) for r in requests]
+        responses = {r: (np.asarray(q.response, np.int32), q.logprobs) for r, q in enumerate(requests) if q.response}
+        stop_ids = params.stop_ids(self.eos_token_ids)
+
+        def result(row: int, ids, logprobs, finished: bool = True) -> SampleResult:
+            reason = _finish_reason(ids, stop_ids) if finished else None
+            return SampleResult(tuple(int(t) for t in ids), np.asarray(logprobs, np.float32), reason)
+
+        told = None if on_finished is None else lambda row, ids, logprobs: on_finished(row, result(row, ids, logprobs))
+        outputs, finished = self._run(list(index), rows, [r.key for r in requests], params, caps=caps,
+                                      responses=responses, on_finished=told)
+        return [result(row, ids, logprobs, bool(done)) for row, ((ids, logprobs), done) in
+                enumerate(zip(outputs, finished))]
+
+    def _run(self, prompts, rows, keys, params: SamplingParams, **rows_options):
+        """One call's rows through a `Generation`: each row's tokens and log-probs, and whether it finished."""
         if params.seed is None:
             call_key = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
         else:
             call_key = jax.random.key(params.seed)
         stop_ids = params.stop_ids(self.eos_token_ids)
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         row_split, head_split = _cache_split(self._mesh, self.config.num_key_value_heads)
         pool_size = None if self.kv_cache_bytes is None else pool_blocks(
             self.config, self._cache_dtype, self.block_size, self.kv_cache_bytes, head_split)
         with self._mesh_context():
             generation = Generation(self, prompts, rows, call_key, stop_ids, params, shards=row_split,
-                                    pool_size=pool_size)
-            outputs = generation.run()
+                                    pool_size=pool_size, keys=np.asarray(keys, np.int32).reshape(-1, 2),
+                                    **rows_options)
+            outputs, finished = generation.run()
         self.last_call = generation.stats
         self.stats.add(generation.stats)
-        results = {}
-        for (i, j), (ids, logprobs) in zip(rows, outputs):
-            reason = "stop" if len(ids) and int(ids[-1]) in stop_ids else "length"
-            results[i, j] = make_completion(i, j, ids, logprobs, reason, self.tokenizer)
-        return [[results[i, j] for j in range(params.n)] for i in range(len(prompts))]
+        return outputs, finished
 
     def take_metrics(self) -> dict[str, float]:
-        """`rollout/rows_in_flight/{mean,max}`, `rollout/kv_blocks_used/max` (fraction of the pool),
-        `rollout/preempted` over the calls since the last time."""
+        """`rollout/decode_steps` (sequential decode iterations), `rollout/rows_in_flight/{mean,max}`,
+        `rollout/kv_blocks_used/max` (fraction of the pool), `rollout/preempted` over the calls since the last
+        time."""
         metrics = self.stats.metrics() if self.stats.decode_steps else {}
         self.stats = GenerationStats()
         return metrics
@@ -224,7 +258,8 @@ def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: i
         decode_rows = Rows(tables=per_row(width), lengths=per_row(), capacity=per_row(),
                            logits=place((batch, config.vocab_size), jnp.float32, ("batch", "vocab")),
                            tokens=per_row(max_tokens), logprobs=per_row(max_tokens, dtype=jnp.float32),
-                           count=per_row(), done=per_row(dtype=jnp.bool_), row_keys=per_row(dtype=key_dtype))
+                           count=per_row(), limit=per_row(), done=per_row(dtype=jnp.bool_),
+                           row_keys=per_row(dtype=key_dtype))
         scalar = lambda dtype: place((), dtype, ())  # noqa: E731
         steps = EngineSteps(graphdef, impl)
         pairs = 0 if impl != "xla" else max(MIN_PAIRS, bucket((batch // row_split) * width))
@@ -238,6 +273,11 @@ def lower_sampling(model: Qwen3ForCausalLM, mesh, *, rows: int, prompt_length: i
                                          scalar(jnp.int32), greedy=False, filters=False, pairs=pairs),
         }
     return SamplingPlan(programs, batch, slots, weights, copy, cache)
+
+
+def _finish_reason(ids, stop_ids) -> str:
+    """"stop" when the response ends with a stop id, else "length" (it reached its cap)."""
+    return "stop" if len(ids) and int(ids[-1]) in stop_ids else "length"
 
 
 def _sampling_weights(state, dtype) -> tuple[Any, Any]:

@@ -1,7 +1,8 @@
-"""One `generate` call's rows through the paged engine: continuous batching over a pool of KV blocks.
+"""One engine call's rows through the paged engine: continuous batching over a pool of KV blocks.
 
-Rows (prompt i, sample j) wait in order. A row is admitted into a free decode-batch slot when its data shard's
-pool has the blocks it needs now plus headroom for the rows running there; a prompt is prefilled once for
+Rows (a prompt and a sample's random stream; a continued row also its response so far) wait in order. A row is
+admitted into a free decode-batch slot when its data shard's pool has the blocks it needs now plus headroom for
+the rows running there; a prompt is prefilled once for
 its samples admitted together, which share its full blocks and each take a copy of its last partial block (copy
 on write); room for the running rows to grow (`ADMIT_HEADROOM_TOKENS` each) is kept free. Before every
 decode call each running row is given blocks for `AHEAD_TOKENS` more tokens when the pool allows it for all of
@@ -9,7 +10,9 @@ them, else for its next token alone; when even that runs out, the youngest rows 
 shard are preempted: their blocks freed, their tokens so far kept, and they wait (first in line) to be prefilled
 again with prompt + tokens so far (recompute preemption). A decode call runs until rows finish (then waiting rows
 are admitted) or a row needs a block. Once nothing waits, running rows are gathered into the smallest
-power-of-two batch that holds them (moving block tables, not caches).
+power-of-two batch that holds them (moving block tables, not caches). A continued row starts as a preempted one
+does (prefilled with prompt + response so far). `on_finished` is told of each row as it finishes; once it asks to
+stop, the call ends with the other rows unfinished (their tokens so far copied out, their blocks freed).
 
 On a mesh the batch slots, the prefill rows and the pool are split into data shards alike (slot s belongs to
 shard s // (slots / shards)); each shard has its own `BlockPool` and block ids.
@@ -59,6 +62,7 @@ class GenerationStats:
 
     def metrics(self) -> dict[str, float]:
         return {
+            "rollout/decode_steps": float(self.decode_steps),
             "rollout/rows_in_flight/mean": self.row_steps / max(1, self.decode_steps),
             "rollout/rows_in_flight/max": float(self.max_rows),
             "rollout/kv_blocks_used/max": self.peak_blocks,
@@ -101,15 +105,23 @@ def call_shape(rows: int, longest: int, block_size: int, max_batch_rows: int, sh
 
 
 class Generation:
-    """The rows of one call, their slots and blocks (host side); `run` returns each row's (tokens, log-probs)."""
+    """The rows of one call, their slots and blocks (host side); `run` returns each row's (tokens, log-probs) and
+    whether it finished.
 
-    def __init__(self, engine, prompts, rows, call_key, stop_ids, params, *, shards: int, pool_size: int | None):
+    Row r is prompt `prompts[rows[r]]` sampled with stream `keys[r]`, generating at most `caps[r]` tokens (`None`:
+    max_tokens), `responses` holding the rows continued (row -> tokens and log-probs so far); `on_finished(row,
+    tokens, log-probs)` returns True to stop the call.
+    """
+
+    def __init__(self, engine, prompts, rows, call_key, stop_ids, params, *, shards: int, pool_size: int | None,
+                 keys, caps=None, responses=None, on_finished=None):
         self.engine, self.steps, self.prompts, self.rows, self.params = engine, engine._steps, prompts, rows, params
-        self.call_key, self.shards = call_key, shards
+        self.call_key, self.shards, self.keys, self.on_finished = call_key, shards, keys, on_finished
+        self.caps = np.full(len(rows), params.max_tokens) if caps is None else np.asarray(caps)
         self.block_size = engine.block_size
         self.sampling = (jnp.asarray(stop_ids or [-1], jnp.int32), jnp.float32(params.temperature),
                          jnp.float32(params.top_p), jnp.int32(params.top_k))
-        longest = bucket(max(len(prompts[i]) for i, _ in rows), MIN_PROMPT_BUCKET) + params.max_tokens
+        longest = bucket(max(len(prompts[i]) for i in rows), MIN_PROMPT_BUCKET) + params.max_tokens
         shape = call_shape(len(rows), longest, self.block_size, engine.max_batch_rows, shards)
         self.slots, self.width = shape.slots, shape.width
         size = shape.pool_need if pool_size is None else min(pool_size, shape.pool_need)
@@ -119,13 +131,15 @@ class Generation:
                               f"data.max_response_length")
         self.pools = [BlockPool(size) for _ in range(shards)]
         self.waiting = collections.deque(range(len(rows)))
-        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # preempted rows' tokens and log-probs so far
+        # Continued and preempted rows' tokens and log-probs so far.
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = dict(responses or {})
         self.origin = np.full(self.slots, -1)  # row per slot; -1: free
         self.blocks: list[list[int]] = [[] for _ in range(self.slots)]
         self.age = np.zeros(self.slots, np.int64)  # admission order: the youngest are preempted first
         self.admitted = 0
         self.lengths = np.zeros(self.slots, np.int64)
         self.outputs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rows)
+        self.finished = np.zeros(len(rows), bool)
         self.stats = GenerationStats()
         self.device_pools = engine.new_pools(size * shards)
         self.batch = self.steps.empty_rows(call_key, slots=self.slots, width=self.width,
@@ -134,7 +148,7 @@ class Generation:
     def shard(self, slot: int) -> int:
         return slot // (len(self.origin) // self.shards)
 
-    def run(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def run(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
         while self.waiting or (self.origin >= 0).any():
             if self.waiting:
                 self._admit()
@@ -158,10 +172,12 @@ class Generation:
             self.stats.decode_steps += steps
             self.stats.row_steps += steps * running
             self.stats.max_rows = max(self.stats.max_rows, running)
-            self._harvest()
+            if self._harvest():
+                self._interrupt()
+                break
         self.stats.blocks_held_after = sum(pool.used for pool in self.pools)
         self.stats.peak_blocks = max(pool.peak_used / pool.size for pool in self.pools)
-        return self.outputs
+        return self.outputs, self.finished
 
     # -------------------------------------------------------------------------------------------- blocks
     def _pairs(self) -> int:
@@ -193,8 +209,9 @@ class Generation:
         return -(-int(tokens) // self.block_size)
 
     def _longest(self, slot: int) -> int:
-        """The tokens the slot's row may ever cache: its prompt and max_tokens."""
-        return len(self.prompts[self.rows[self.origin[slot]][0]]) + self.params.max_tokens
+        """The tokens the slot's row may ever cache: its prompt and its cap."""
+        row = self.origin[slot]
+        return len(self.prompts[self.rows[row]]) + int(self.caps[row])
 
     def _upload_blocks(self) -> None:
         tables = np.zeros((len(self.origin), self.width), np.int32)
@@ -219,14 +236,35 @@ class Generation:
         self.stats.preempted += 1
 
     # ---------------------------------------------------------------------------------- rows in and out
-    def _harvest(self) -> None:
-        """Copy out what the rows that finished generated, and free their slots and blocks."""
+    def _harvest(self) -> bool:
+        """Copy out what the rows that finished generated, and free their slots and blocks; True when
+        `on_finished` asked to stop."""
         finished = np.flatnonzero(np.asarray(self.batch.done) & (self.origin >= 0))
+        stop = False
         if not len(finished):
-            return
+            return stop
         for slot, generated in zip(finished, self._generated(finished)):
-            self.outputs[self.origin[slot]] = generated
+            row = int(self.origin[slot])
+            self.outputs[row] = generated
+            self.finished[row] = True
             self._release(slot)
+            if self.on_finished is not None:
+                stop = bool(self.on_finished(row, *generated)) or stop
+        return stop
+
+    def _interrupt(self) -> None:
+        """End the call: the running rows' tokens so far copied out, their blocks freed; waiting rows keep what
+        they had."""
+        running = np.flatnonzero(self.origin >= 0)
+        if len(running):
+            for slot, generated in zip(running, self._generated(running)):
+                self.outputs[self.origin[slot]] = generated
+                self._release(slot)
+            self.batch = self.steps.finish(self.batch, jnp.asarray(running, jnp.int32))
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+        for row in self.waiting:
+            self.outputs[row] = self.kept.pop(row, empty)
+        self.waiting.clear()
 
     def _generated(self, slots) -> list[tuple[np.ndarray, np.ndarray]]:
         """The tokens and log-probs the rows in `slots` generated so far (one copy from the device, its rows
@@ -237,7 +275,7 @@ class Generation:
         return [(tokens[r, : count[r]], logprobs[r, : count[r]]) for r in range(len(slots))]
 
     def _sequence(self, row: int) -> list[int]:
-        i = self.rows[row][0]
+        i = self.rows[row]
         return list(self.prompts[i]) + ([int(t) for t in self.kept[row][0]] if row in self.kept else [])
 
     def _admit(self) -> None:
@@ -250,7 +288,7 @@ class Generation:
             group = [row]
             if row not in self.kept:  # fresh samples of the same prompt next in line are admitted with it
                 for other in itertools.islice(self.waiting, 1, None):
-                    if other in self.kept or self.rows[other][0] != self.rows[row][0]:
+                    if other in self.kept or self.rows[other] != self.rows[row]:
                         break
                     group.append(other)
             plan = self._plan(group, free_slots)
@@ -341,18 +379,19 @@ class Generation:
             tables=np.zeros((size, self.width), np.int32), lengths=np.zeros(size, np.int32),
             capacity=np.zeros(size, np.int32), tokens=np.zeros((size, max_tokens), np.int32),
             logprobs=np.zeros((size, max_tokens), np.float32), count=np.zeros(size, np.int32),
-            prompt_sample=np.zeros((size, 2), np.int32),
+            limit=np.zeros(size, np.int32), key=np.zeros((size, 2), np.int32),
         )
         for r, (source, row, slot, table) in enumerate(started):
             self.blocks[slot] = table
             kept_tokens, kept_logprobs = self.kept.pop(row, (np.zeros(0, np.int32), np.zeros(0, np.float32)))
             new.at[r], new.source[r] = slot, source
             new.tables[r, : len(table)] = table
-            new.lengths[r] = len(self.prompts[self.rows[row][0]]) + len(kept_tokens)
+            new.lengths[r] = len(self.prompts[self.rows[row]]) + len(kept_tokens)
             new.capacity[r] = len(table) * self.block_size
             new.tokens[r, : len(kept_tokens)], new.logprobs[r, : len(kept_tokens)] = kept_tokens, kept_logprobs
             new.count[r] = len(kept_tokens)
-            new.prompt_sample[r] = self.rows[row]
+            new.limit[r] = self.caps[row]
+            new.key[r] = self.keys[row]
             self.lengths[slot] = new.lengths[r]
         self.batch = self.steps.insert(self.batch, logits, NewRows(*map(jnp.asarray, new)), self.call_key)
 

@@ -5,7 +5,7 @@ The decode batch (`Rows`) has a fixed number of slots; a slot holds one row (pro
 (done). Rows hold no KV themselves, only their block tables: inserting, removing or compacting rows moves a few
 small arrays, never a cache. The pools and the batch are donated to the programs that update them.
 
-Every row draws from its own key, fold_in(call key, prompt, sample, tokens so far): a row's samples do not
+Every row draws from its own key, fold_in(call key, group, sample, tokens so far): a row's samples do not
 depend on which slot, batch or admission it decodes in, nor on a preemption and re-prefill in between.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ class Rows(NamedTuple):
     tokens: jax.Array  # [B, max_tokens] int32: generated so far (before a preemption too)
     logprobs: jax.Array  # [B, max_tokens] float32
     count: jax.Array  # [B] int32: tokens generated
+    limit: jax.Array  # [B] int32: the row's cap on tokens generated
     done: jax.Array  # [B] bool: stopped, out of tokens, or a free slot
-    row_keys: jax.Array  # [B] keys of (prompt, sample)
+    row_keys: jax.Array  # [B] keys of the rows' (group, sample) pairs
 
 
 class NewRows(NamedTuple):
@@ -46,7 +47,8 @@ class NewRows(NamedTuple):
     tokens: jax.Array  # [k, max_tokens] int32: what a preempted row had generated
     logprobs: jax.Array  # [k, max_tokens] float32
     count: jax.Array  # [k] int32
-    prompt_sample: jax.Array  # [k, 2] int32
+    limit: jax.Array  # [k] int32
+    key: jax.Array  # [k, 2] int32: the row's (group, sample) pair, its random stream
 
 
 class EngineSteps:
@@ -85,16 +87,16 @@ def _empty_rows(call_key, *, slots: int, width: int, max_tokens: int, vocab: int
     zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)  # noqa: E731
     return Rows(tables=zeros(slots, width), lengths=zeros(slots), capacity=zeros(slots),
                 logits=zeros(slots, vocab, dtype=jnp.float32), tokens=zeros(slots, max_tokens),
-                logprobs=zeros(slots, max_tokens, dtype=jnp.float32), count=zeros(slots),
+                logprobs=zeros(slots, max_tokens, dtype=jnp.float32), count=zeros(slots), limit=zeros(slots),
                 done=jnp.ones((slots,), jnp.bool_), row_keys=jax.random.split(call_key, slots))
 
 
 def _insert(rows: Rows, logits, new: NewRows, call_key) -> Rows:
     """`rows` with new rows started in their slots from the prefilled sequences' `logits`."""
-    keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(new.prompt_sample)
+    keys = jax.vmap(lambda ij: jax.random.fold_in(jax.random.fold_in(call_key, ij[0]), ij[1]))(new.key)
     started = rows._replace(
         tables=new.tables, lengths=new.lengths, capacity=new.capacity, logits=logits[new.source], tokens=new.tokens,
-        logprobs=new.logprobs, count=new.count, done=jnp.zeros(new.at.shape, jnp.bool_), row_keys=keys,
+        logprobs=new.logprobs, count=new.count, limit=new.limit, done=jnp.zeros(new.at.shape, jnp.bool_), row_keys=keys,
     )
     return jax.tree.map(lambda old, fresh: old.at[new.at].set(fresh, mode="drop"), rows, started)
 
@@ -121,7 +123,7 @@ def _decode(graphdef, impl, state, pools, rows: Rows, stop_ids, temperature, top
             lengths=jnp.where(live, cache.lengths, r.lengths), logits=model.logits(hidden[:, 0]),
             tokens=jnp.where(column, token[:, None], r.tokens),
             logprobs=jnp.where(column, logprob[:, None], r.logprobs),
-            count=count, done=r.done | jnp.isin(token, stop_ids) | (count >= max_tokens),
+            count=count, done=r.done | jnp.isin(token, stop_ids) | (count >= r.limit),
         )
 
     def keep_going(carry):

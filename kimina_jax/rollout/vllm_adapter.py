@@ -6,6 +6,8 @@ fields, the conversion of vLLM's samples into `Completion`s. The subclasses only
 Seeds: prompt i of a call seeded s samples with vLLM's per-request seed s + i (`prompt_seed`), so a seeded call is
 reproducible and equal prompts in one call still get independent samples. Callers that split a batch into calls
 space the calls' seeds further apart than a call has prompts (`pipeline.chunk_seed`), so no two prompts share one.
+A continued request (`continue_samples`) samples with a seed of its key instead (`request_seed`), wherever it sits
+in the call.
 
 Dtypes: vLLM names its weight dtype as torch does (`torch.bfloat16`); `dtype_name` turns it into the model's
 name for it (`bfloat16`), the dtype a pushed HF folder is written in.
@@ -18,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from kimina_jax.errors import KiminaError
@@ -25,6 +28,8 @@ from kimina_jax.models import Qwen3Config, Qwen3ForCausalLM, abstract_model
 from kimina_jax.models.hf import to_jax_dtype
 from kimina_jax.rollout.base import (
     RolloutEngine,
+    SampleRequest,
+    SampleResult,
     SamplingParams,
     as_model,
     check_architecture,
@@ -95,6 +100,27 @@ class VllmAdapter(RolloutEngine):
             "logprobs": 0,
         }
 
+    def _continued_request(self, params: SamplingParams, request: SampleRequest) -> dict[str, Any]:
+        """`_request`'s fields for a continued request: one sample, the tokens its cap leaves, its key's seed."""
+        return {**self._request(params, 0), "n": 1, "max_tokens": request.cap(params) - len(request.response),
+                "seed": request_seed(params.seed, request.key)}
+
+    def _continued(
+        self, index: int, request: SampleRequest, ids: Sequence[int], logprobs: Sequence[float], reason: str | None,
+        where: str,
+    ) -> SampleResult:
+        """Request `index`'s result: its response so far, then vLLM's new tokens (`reason` None: not finished);
+        KiminaError naming `where` unless vLLM ended it with "stop" or "length", with one log-prob per token."""
+        if reason not in (None, "stop", "length"):
+            raise KiminaError(f"{where}: request {index} ended with {reason!r}")
+        if len(logprobs) != len(ids):
+            raise KiminaError(f"{where}: request {index} has {len(ids)} new tokens but {len(logprobs)} log-probs")
+        return SampleResult(
+            token_ids=request.response + tuple(int(t) for t in ids),
+            logprobs=np.concatenate([request.logprobs, np.asarray(logprobs, np.float32)]),
+            finish_reason=reason,
+        )
+
     def _completions(self, prompt_index: int, samples: Iterable[VllmSample], n: int, where: str) -> list[Completion]:
         """Prompt `prompt_index`'s n samples (in any order) as `Completion`s; KiminaError naming `where` unless
         they are samples 0..n-1, each finished and with one log-prob per token."""
@@ -122,6 +148,15 @@ class VllmAdapter(RolloutEngine):
 def prompt_seed(seed: int | None, prompt_index: int) -> int | None:
     """vLLM's seed for prompt `prompt_index` of a call seeded `seed` (module docstring)."""
     return None if seed is None else seed + prompt_index
+
+
+def request_seed(seed: int | None, key: tuple[int, int]) -> int | None:
+    """vLLM's seed for the request of `key` (group id, sample index) in a call seeded `seed`: distinct for sample
+    indices below 4096 in groups less than 2**19 apart (vLLM's seeds are kept below 2**31)."""
+    if seed is None:
+        return None
+    group, sample = key
+    return (seed + group * 4096 + sample) % 2**31
 
 
 def dtype_name(vllm_dtype: Any, where: str) -> str:

@@ -21,6 +21,11 @@ token, the trainer's definition, whenever no top-k / top-p filter is set (the tr
 filter vLLM renormalises over the kept tokens and the numbers are that distribution's; the "raw" mode would
 instead ignore the temperature. Greedy requests get log_softmax(logits).
 
+Partial rollouts (`continue_samples`) step vLLM's engine themselves, as `LLM.generate` does, but with the default
+CUMULATIVE output kind, so every step's output of a request holds all its tokens so far (`LLM.generate` asks for
+FINAL_ONLY); to stop part way, the requests left are aborted (`LLMEngine.abort_request`), which drops them from
+the scheduler and the output processor at once: nothing stays pending for the next call.
+
 Text is decoded here with the caller's tokenizer (vLLM runs without one), and stop ids are passed explicitly,
 so both engines stop on the same ids. Sleep mode (where vLLM has it: CUDA, ROCm, XPU) uses level 1: weights go
 to host memory, the KV cache is dropped. Elsewhere (the CPU backend) `enable_sleep_mode` is ignored and
@@ -28,7 +33,9 @@ to host memory, the KV cache is dropped. Elsewhere (the CPU backend) `enable_sle
 """
 from __future__ import annotations
 
+import collections
 import inspect
+import itertools
 import logging
 import os
 import tempfile
@@ -38,7 +45,7 @@ from typing import Any
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import Qwen3Config, save_hf_checkpoint
-from kimina_jax.rollout.base import SamplingParams
+from kimina_jax.rollout.base import OnFinished, SampleRequest, SampleResult, SamplingParams, check_requests
 from kimina_jax.rollout.vllm_adapter import SAFETENSORS_LOADER, VllmAdapter, dtype_name
 from kimina_jax.types import Completion
 
@@ -101,6 +108,7 @@ class VllmEngine(VllmAdapter):
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sleep_mode = enable_sleep_mode
         self._push = _choose_weight_push(self.llm)
+        self._request_ids = itertools.count()
 
     @classmethod
     def from_config(cls, cfg, model_path: str | Path, **kwargs) -> "VllmEngine":
@@ -126,6 +134,64 @@ class VllmEngine(VllmAdapter):
             self._completions(i, [_sample_of(c) for c in output.outputs], params.n, f"vLLM (prompt {i})")
             for i, output in enumerate(outputs)
         ]
+
+    def continue_samples(
+        self, requests: Sequence[SampleRequest], params: SamplingParams, on_finished: OnFinished | None = None
+    ) -> list[SampleResult]:
+        """Request i goes to vLLM as prompt + response so far, for the tokens its cap leaves (module docstring)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_usable()
+        requests = check_requests(requests, params, self.max_model_len, self.config.vocab_size)
+        engine = self.llm.llm_engine
+        index: dict[str, int] = {}
+        latest: dict[int, Any] = {}  # request -> its last CompletionOutput
+        results: dict[int, SampleResult] = {}
+
+        def result(i: int) -> SampleResult:
+            _, ids, logprobs, reason = _sample_of(latest[i]) if i in latest else (0, [], [], None)
+            return self._continued(i, requests[i], ids, logprobs, reason, "vLLM")
+
+        def add(i: int) -> None:
+            # Not a number: `LLM.generate` numbers its own requests, and sorts them by int(request_id).
+            request_id = f"continue-{next(self._request_ids)}"
+            sampling = self._vllm.SamplingParams(**self._continued_request(params, requests[i]), detokenize=False,
+                                                 output_kind=RequestOutputKind.CUMULATIVE)
+            engine.add_request(request_id, {"prompt_token_ids": [*requests[i].prompt_token_ids,
+                                                                 *requests[i].response]}, sampling)
+            index[request_id] = i
+
+        # Requests go in as the scheduler's token budget and sequence slots allow, each prefilled whole in one step:
+        # a prefill cut across steps discards a sampled token by rewinding the request's seeded generator, which
+        # vLLM's CPU backend cannot do ("CPU Generator does not use offset"). Only a request longer than the budget
+        # is cut.
+        scheduler = engine.vllm_config.scheduler_config
+        waiting = collections.deque(range(len(requests)))
+        stop = False
+        try:
+            while len(results) < len(requests) and not stop:
+                running = len(index) - len(results)
+                room = scheduler.max_num_batched_tokens - running
+                while waiting and running < scheduler.max_num_seqs:
+                    length = len(requests[waiting[0]].prompt_token_ids) + len(requests[waiting[0]].response)
+                    if length > room and running:
+                        break
+                    add(waiting.popleft())
+                    room, running = room - length, running + 1
+                for output in engine.step():
+                    i = index[output.request_id]
+                    (latest[i],) = output.outputs
+                    if output.finished:
+                        results[i] = result(i)
+                        # The others finished in this step are finished too: each is still told.
+                        if on_finished is not None:
+                            stop = bool(on_finished(i, results[i])) or stop
+        finally:
+            # Also on an error: a request left in the engine would run into the next `generate`.
+            left = [request_id for request_id, i in index.items() if i not in results]
+            if left:
+                engine.abort_request(left)
+        return [results[i] if i in results else result(i) for i in range(len(requests))]
 
     def _push_weights(self, model) -> None:
         self._push(self.llm, model)
