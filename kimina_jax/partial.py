@@ -56,7 +56,7 @@ class SampleSoFar:
         """Take what a call generated with step `step`'s weights (its result starts with the tokens held)."""
         new = len(result.token_ids) - len(self.tokens)
         self.tokens = np.asarray(result.token_ids, np.int32)
-        self.logprobs = np.concatenate([self.logprobs, np.asarray(result.logprobs, np.float32)[len(self.logprobs):]])
+        self.logprobs = np.asarray(result.logprobs, np.float32)  # the head handed back as held (the engine contract)
         self.steps = np.concatenate([self.steps, np.full(new, step, np.int32)])
         self.finish_reason = result.finish_reason
 

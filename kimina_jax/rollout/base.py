@@ -220,24 +220,23 @@ def check_prompts(
 def check_requests(
     requests: Sequence[SampleRequest], params: SamplingParams, max_len: int, vocab_size: int
 ) -> list[SampleRequest]:
-    """Validated requests: prompts as `check_prompts` checks them (against each request's own cap), a response
-    shorter than the cap with one log-prob per token."""
+    """Validated requests: a response shorter than the cap with one log-prob per token, then prompt + response
+    checked as `check_prompts` checks a prompt (against the tokens the cap leaves)."""
     if len(requests) == 0:
         raise KiminaError("continue_samples: the request list is empty")
     checked = []
     for i, request in enumerate(requests):
         cap = request.cap(params)
-        (prompt,) = check_prompts([request.prompt_token_ids], dataclasses.replace(params, max_tokens=max(cap, 1)),
-                                  max_len, vocab_size)
         response = tuple(int(t) for t in request.response)
         logprobs = np.asarray(request.logprobs, np.float32)
         if not 1 <= cap <= params.max_tokens or len(response) >= cap or logprobs.shape != (len(response),):
             raise KiminaError(f"continue_samples: request {i} has {len(response)} tokens, {logprobs.shape} log-probs "
                               f"and a cap of {cap} (at most max_tokens={params.max_tokens}): it must have one log-prob "
                               "per token and fewer tokens than its cap")
-        bad = next((t for t in response if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise KiminaError(f"continue_samples: request {i}'s response has token id {bad}, outside the vocabulary")
+        # Prompt + response so far against the tokens the cap leaves: the same length and vocabulary checks.
+        (sequence,) = check_prompts([tuple(request.prompt_token_ids) + response],
+                                    dataclasses.replace(params, max_tokens=cap - len(response)), max_len, vocab_size)
+        prompt = sequence[: len(sequence) - len(response)]
         checked.append(dataclasses.replace(request, prompt_token_ids=prompt, response=response, logprobs=logprobs))
     return checked
 
