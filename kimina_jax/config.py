@@ -278,6 +278,9 @@ class AlgorithmConfig:
         "seq-mean-token-sum-norm"
     )
     loss_norm_length: int = _derived("data.max_response_length", RECIPE_MAX_RESPONSE_LENGTH)  # L of ...-sum-norm
+    # A constant factor on the aggregated loss (policy, KL and entropy terms) before gradients and clipping: the
+    # normaliser stays SPEC 3's, this reproduces the original's gradient scale (its recipes: 2, see them).
+    loss_scale: float = 1.0
     kl: KlConfig = dataclasses.field(default_factory=KlConfig)
     entropy_coeff: float = 0.0
     ppo_mini_batch_size: int = 32  # prompts per optimizer update
@@ -684,6 +687,7 @@ RANGES: dict[str, str] = {
     "algorithm.clip_high": ">= 0",
     "algorithm.clip_c": "> 1; verl's clip_ratio_c, the dual-clip bound",
     "algorithm.loss_norm_length": "> 0",
+    "algorithm.loss_scale": "> 0",
     "algorithm.kl.coef": ">= 0",
     "algorithm.entropy_coeff": ">= 0",
     "algorithm.ppo_mini_batch_size": "> 0",

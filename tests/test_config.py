@@ -206,6 +206,15 @@ def test_every_shipped_recipe_loads(recipe):
     load_config(recipe, env=LEAN_ENV)
 
 
+def test_the_originals_recipes_train_at_its_gradient_scale():
+    """The recipes of Kimina-Prover-RL's runs carry its micro-batch size per GPU (2) as `algorithm.loss_scale`;
+    the demos keep the plain SPEC 3 loss (issue 31)."""
+    scales = {recipe: load_config(recipe, env=LEAN_ENV).algorithm.loss_scale
+              for recipe in sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))}
+    assert scales == {"dry_run": 2.0, "kimina_prover_0.6B": 2.0, "kimina_prover_1.7B": 2.0,
+                      "kimina_prover_1.7B_dapo": 2.0, "learn_demo": 1.0, "tiny": 1.0}
+
+
 def _train_error(capsys, argv):
     from kimina_jax.train import main
 

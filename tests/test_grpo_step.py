@@ -521,3 +521,42 @@ def test_reference_policy_from_an_hf_folder(tiny_hf_folder, tmp_path):
     alg = algorithm(kl=dataclasses.replace(KL_ON, ref_path=str(wrong)))
     with pytest.raises(KiminaError, match="algorithm.kl.ref_path"):
         ReferencePolicy.from_config(alg.kl, state.params, step, load_model=load_hf_checkpoint)
+
+
+def test_loss_scale_gives_the_originals_loss_and_grad_norm():
+    """`algorithm.loss_scale=2` reproduces Kimina-Prover-RL's gradient scale (issue 31): verl's
+    seq-mean-token-sum-norm written out as the recipe runs it, scaled down (32 sequences, 8 data-parallel shards
+    of 4, micro-batches of 2, so gradient accumulation 2): each micro-batch's loss is (sum of its sequences' token
+    sums) / L / accumulation, a shard's gradient the sum over its micro-batches, the mini-batch's the mean over the
+    shards; verl's `actor/pg_loss` is the mean of the micro-batches' losses before the accumulation division."""
+    shards, micro_size = 8, 2
+    accumulation = 32 // shards // micro_size
+    model = make_model()
+    step = TrainStep(model, algorithm(loss_scale=2.0), OPTIM)
+    state = step.init_state(model)
+    items = random_items(4, count=32)
+    batch = packed_minibatch(step, state.params, items)
+    old = batch.response_values(batch.old_logp)
+
+    def verl_loss(params):
+        logp = _direct_terms(params, step.graphdef, batch, 1.0)[0]
+        token_sums = []
+        for item, row, start, old_logp in zip(items, batch.item_row, batch.item_start, old):
+            first = start + len(item.prompt_ids) - 1
+            new_logp = logp[row, first : first + len(item.response_ids)]
+            ratio = jnp.exp(jnp.clip(new_logp - old_logp, -20, 20))
+            a = item.advantage
+            pg = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 0.8, 1.3))
+            pg = jnp.minimum(pg, -a * 3.0) if a < 0 else pg
+            token_sums.append(jnp.sum(pg))
+        micro_losses = [sum(token_sums[i : i + micro_size]) / MAX_RESPONSE for i in range(0, 32, micro_size)]
+        per_shard = [sum(micro_losses[s * accumulation : (s + 1) * accumulation]) / accumulation
+                     for s in range(shards)]
+        return sum(per_shard) / shards, sum(micro_losses) / len(micro_losses)
+
+    (_, verl_pg_loss), grads = jax.jit(jax.value_and_grad(verl_loss, has_aux=True))(state.params)
+    verl_grad_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    _, metrics = step.update(state, batch, 0)
+    metrics = jax.device_get(metrics)
+    np.testing.assert_allclose(metrics["actor/grad_norm"], verl_grad_norm, rtol=1e-4)
+    np.testing.assert_allclose(metrics["actor/pg_loss"], verl_pg_loss, rtol=1e-4, atol=1e-7)

@@ -278,17 +278,19 @@ def grpo_loss(
     kl_kind: str = "low_var_kl",
     rollout_logp: Any = None,
     tis_cap: float = 0.0,
+    loss_scale: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of SPEC 3 over tokens with aggregation `weights` (see `weighted_token_sum`), built from this
     module's terms: pg_loss - entropy_coeff * entropy term + kl_coef * KL term, each aggregated alike (verl's
-    `agg_loss` with one mode). With `rollout_logp` (off-policy), each token's policy loss is first multiplied by
-    its truncated importance-sampling weight.
+    `agg_loss` with one mode) and times `loss_scale`. With `rollout_logp` (off-policy), each token's policy loss
+    is first multiplied by its truncated importance-sampling weight.
 
     Returns (loss, sums): `pg_loss`, `loss_tokens`, the masked token sums of the `ppo_token_loss` indicators
     (a mini-batch adds micro-batches' sums, then divides by its loss tokens), `kl_loss` with a reference and
     `tis_weight` (a token sum) with rollout log-probs.
     """
     mask = jnp.asarray(mask, jnp.float32)
+    weights = loss_scale * jnp.asarray(weights, jnp.float32)  # so pg_loss and kl_loss read at the scale trained
     token_sum = functools.partial(weighted_token_sum, mask=mask, weights=1.0)  # the metrics' plain token sums
     token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
     sums = {"loss_tokens": jnp.sum(mask)}

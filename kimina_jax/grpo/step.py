@@ -65,7 +65,7 @@ def micro_batch_loss(
         clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, clip_c=algorithm.clip_c,
         entropy=entropy, entropy_coeff=algorithm.entropy_coeff,
         ref_logp=micro.get("ref_logp"), kl_coef=algorithm.kl.coef, kl_kind=algorithm.kl.kind,
-        rollout_logp=micro.get("rollout_logp"), tis_cap=algorithm.tis_cap,
+        rollout_logp=micro.get("rollout_logp"), tis_cap=algorithm.tis_cap, loss_scale=algorithm.loss_scale,
     )
 
 
