@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -339,12 +340,24 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (kimina_jax/wandb_run.py; `pip install -e ".[wandb]"`)."""
+
+    enabled: bool = False
+    project: str = "kimina-jax"
+    entity: str | None = None  # None: the account's default
+    name: str | None = None  # None: experiment.name
+    mode: Literal["online", "offline"] | None = None  # None: $WANDB_MODE, else online
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     tensorboard: bool = True
     console: bool = True
     num_text_samples: int = 2  # responses shown as text in TensorBoard per step
     progress_bars: bool = True
     dump_rollouts: bool = True  # every sample of every step to <run_dir>/rollouts/step_<N>.jsonl
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
 @dataclasses.dataclass
@@ -458,7 +471,8 @@ def _unknown_key_message(key: str, name: str, allowed: list[str], source: str) -
     return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
 
 
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """`data["a"]["b"]` for "a.b"; None when a key is missing."""
     node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -599,7 +613,7 @@ def _resolve(cfg: TrainConfig, data: Mapping[str, Any], env: Mapping[str, str], 
         "algorithm.loss_norm_length": cfg.data.max_response_length,
     }
     for key, value in derived.items():
-        given = _lookup(data, key)
+        given = lookup(data, key)
         if given is not None and given != value:
             raise KiminaError(
                 f"{source}: '{key}' is derived from data.max_response_length ({value}); got {given!r}. "
@@ -777,6 +791,8 @@ def _check(cfg: TrainConfig, source: str) -> None:
     partial = cfg.rollout.partial
     if partial.enabled and cfg.rollout.engine == "vllm-server":
         fail("rollout.partial.enabled needs rollout.engine jax or vllm: a vllm-server call cannot be stopped part way")
+    if cfg.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        fail('logging.wandb.enabled needs the wandb package: pip install -e ".[wandb]"')
     if cfg.algorithm.filter_groups.enabled and cfg.rollout.n < 2:
         fail("algorithm.filter_groups.enabled needs rollout.n >= 2: a group of one response is never informative")
     if cfg.algorithm.kl.ref_path is not None and not cfg.algorithm.kl.enabled:
@@ -911,8 +927,8 @@ def load_eval_config(
     run = _convert(data.pop("eval", None) or {}, EvalRunConfig, "eval", source)
     _check_eval(run, source)
     for key in RUN_LENGTHS:
-        saved = _lookup(run_config or {}, key)
-        if _lookup(data, key) is None and saved is not None:
+        saved = lookup(run_config or {}, key)
+        if lookup(data, key) is None and saved is not None:
             _set(data, key, saved, f"{key} of the evaluated run")
     shared = config_from_dict(data, env=env, source=source)
     return EvalConfig(

@@ -1,5 +1,5 @@
-"""TensorBoard scalars and sample texts with verl's metric names (SPEC 9), a console line per step, and the pure
-statistics behind the reward/length metrics.
+"""TensorBoard (and wandb) scalars and sample texts with verl's metric names (SPEC 9), a console line per step,
+and the pure statistics behind the reward/length metrics.
 
 Only the process that owns the writer (process 0 of a multi-host run) writes; others pass `enabled=False`.
 """
@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kimina_jax.types import Sample
+
+if TYPE_CHECKING:
+    from kimina_jax.wandb_run import WandbRun
 
 # Shown on the console line, in this order, when present: (metric name, short label).
 CONSOLE_KEYS = (
@@ -129,13 +132,29 @@ def format_error_counts(samples: Sequence[Sample], known_errors: Sequence[str] =
     return counts
 
 
-def console_line(step: int, metrics: Mapping[str, float]) -> str:
-    """One line per step: the headline numbers that are present."""
-    parts = [f"step {step}"]
+def console_line(step: int, metrics: Mapping[str, float], total_steps: int | None = None,
+                 eta_s: float | None = None) -> str:
+    """One line per step: progress (step / total), the headline numbers that are present, and the time left."""
+    parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
     for key, label in CONSOLE_KEYS:
         if key in metrics:
             parts.append(f"{label} {_short(metrics[key])}")
+    if eta_s is not None:
+        parts.append(f"eta {_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def eta_seconds(step_times: Sequence[float], steps_left: int) -> float | None:
+    """Time left at the median of the last 5 steps' times (the first step's compilation does not last)."""
+    if not step_times:
+        return None
+    return steps_left * float(np.median(step_times[-5:]))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _short(value: float) -> str:
@@ -146,7 +165,8 @@ def _short(value: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- writer
 class MetricsWriter:
-    """Writes scalars and sample texts to `<run_dir>/tensorboard` and a console line, on process 0 only."""
+    """Writes scalars and sample texts to `<run_dir>/tensorboard` (and a wandb run, when given) and a console line,
+    on process 0 only. `total_steps`: the run's length, for the console's progress and ETA."""
 
     def __init__(
         self,
@@ -156,11 +176,16 @@ class MetricsWriter:
         tensorboard: bool = True,
         console: bool = True,
         num_text_samples: int = 2,
+        total_steps: int | None = None,
+        wandb: WandbRun | None = None,
     ):
         self.enabled = enabled
         self.console = console and enabled
         self.num_text_samples = num_text_samples
+        self.total_steps = total_steps
         self.logdir = Path(run_dir) / "tensorboard"
+        self.wandb = wandb
+        self._step_times: list[float] = []
         self._writer = None
         if enabled and tensorboard:
             from tensorboardX import FileWriter
@@ -172,15 +197,20 @@ class MetricsWriter:
         self.scalars(step, metrics)
         if samples:
             self.samples(step, samples)
+        if "timing_s/step" in metrics:
+            self._step_times.append(metrics["timing_s/step"])
         if self.console:
             from tqdm import tqdm
 
-            tqdm.write(console_line(step, metrics))  # keeps active progress bars intact
+            eta = eta_seconds(self._step_times, self.total_steps - step) if self.total_steps else None
+            tqdm.write(console_line(step, metrics, self.total_steps, eta))  # keeps active progress bars intact
         self.flush()
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         """One event per step. Tags are written verbatim (`SummaryWriter.add_scalar` would rewrite `mean@8` to
         `mean_8` and spaces in the format-error names to `_`), so they read exactly as SPEC 9 / verl name them."""
+        if self.wandb is not None:
+            self.wandb.scalars(step, metrics)
         if self._writer is None:
             return
         from tensorboardX.proto.summary_pb2 import Summary
@@ -199,7 +229,9 @@ class MetricsWriter:
         self._writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def samples(self, step: int, samples: Sequence[Sample], tag: str = "samples") -> None:
-        """The first `num_text_samples` samples as Markdown text under `{tag}/turn_{t}`."""
+        """The first `num_text_samples` samples as Markdown text under `{tag}/turn_{t}` (and a wandb table)."""
+        if self.wandb is not None:
+            self.wandb.samples(step, samples[: self.num_text_samples], tag)
         if self._writer is None:
             return
         from tensorboardX.summary import text
@@ -215,6 +247,9 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def sample_markdown(sample: Sample) -> str:

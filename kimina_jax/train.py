@@ -70,6 +70,7 @@ from kimina_jax.reward import FormatError, extra_means, reward_from_config
 from kimina_jax.rollout import SamplingParams, logprob_diff
 from kimina_jax.rollout.factory import make_engine, share_accelerator_with_vllm
 from kimina_jax.types import Sample
+from kimina_jax.wandb_run import WandbRun
 
 log = logging.getLogger("kimina_jax.train")
 
@@ -150,9 +151,13 @@ class Trainer:
         # Validation spreads its prompts over the processes; training rollouts do so through the data shares.
         self.val_engine = ProcessShardedEngine(self.engine) if multi else self.engine
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.trainer.keep_checkpoints)
+        wandb_run = None
+        if cfg.logging.wandb.enabled and self.is_main:
+            wandb_run = WandbRun(cfg.logging.wandb, self.run_dir, config_to_dict(cfg), cfg.experiment.name,
+                                 resume=self.checkpointer.latest_step() is not None)
         self.writer = stats.MetricsWriter(
             self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
-            num_text_samples=cfg.logging.num_text_samples,
+            num_text_samples=cfg.logging.num_text_samples, total_steps=self.steps_total, wandb=wandb_run,
         )
         self.step = 0
         self._text_samples: list[Sample] = []
@@ -624,8 +629,9 @@ def closing_line(cfg: TrainConfig) -> str:
     seen = (f"the {cfg.experiment.name} recipe ran every stage of GRPO on a tiny random model (its scores mean "
             "nothing); to watch the loop learn: --config configs/learn_demo.yaml; a real run: "
             "configs/kimina_prover_1.7B.yaml (README: A real run on a GPU host)") if cfg.model.path == TINY and cfg.reward.function in (None, "lean") else ""
-    return (f"done: {run}. Curves: tensorboard --logdir {run}; a Hugging Face folder: python -m kimina_jax.export "
-            f"--checkpoint {checkpoint} --out <dir>" + (f". Note: {seen}." if seen else "."))
+    return (f"done: {run}. Curves: tensorboard --logdir {run}; figures: python -m kimina_jax.report {run} --out "
+            f"{run}/report; a Hugging Face folder: python -m kimina_jax.export --checkpoint {checkpoint} --out <dir>"
+            + (f". Note: {seen}." if seen else "."))
 
 
 if __name__ == "__main__":

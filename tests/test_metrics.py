@@ -154,6 +154,19 @@ def test_console_line():
     line = console_line(7, {"critic/score/mean": 0.25, "response_length/mean": 512.0, "actor/grad_norm": 0.0123,
                             "perf/time_per_step": 12.5, "unrelated": 1.0})
     assert line == "step 7 | score 0.25 | resp_len 512 | grad_norm 0.0123 | step_s 12.5"
+    assert console_line(7, {"perf/time_per_step": 12.5}, 20, 3725.4) == "step 7/20 | step_s 12.5 | eta 1:02:05"
+
+
+def test_the_console_shows_progress_and_the_time_left_at_the_recent_steps_pace(tmp_path, capsys):
+    """The ETA is the steps left times the median of the last 5 step times, so the first step's compilation
+    (here 100 s) stops counting once the steady steps outnumber it."""
+    writer = MetricsWriter(tmp_path, tensorboard=False, total_steps=10)
+    for step, seconds in enumerate((100.0, 2.0, 3.0, 2.0), start=1):
+        writer.log_step(step, {"timing_s/step": seconds, "perf/time_per_step": seconds})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 1/10 | step_s 100 | eta 0:15:00"  # 9 steps x 100 s
+    assert lines[1] == "step 2/10 | step_s 2 | eta 0:06:48"  # 8 x median(100, 2) = 8 x 51 s
+    assert lines[3] == "step 4/10 | step_s 2 | eta 0:00:15"  # 6 x median(100, 2, 3, 2) = 6 x 2.5 s
 
 
 def test_a_resumed_run_replaces_the_points_of_the_steps_it_runs_again(tmp_path):

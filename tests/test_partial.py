@@ -4,6 +4,8 @@ restarted, the staleness bound holds, each token keeps the behaviour log-prob of
 a run resumed from a checkpoint holding unfinished samples rolls out byte for byte as the run that went on."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -123,18 +125,16 @@ def _config(run_dir, steps: int, *overrides: str):
     return load_config("tiny", [
         "rollout.partial.enabled=true", "rollout.partial.over_provision=1.5", f"trainer.total_steps={steps}",
         "trainer.save_freq=100", "verifier.kind=standin", "logging.tensorboard=false", "logging.console=false",
-        "logging.progress_bars=false", "logging.dump_rollouts=true", *overrides,
+        "logging.progress_bars=false", "logging.dump_rollouts=true", "data.val.limit=4", *overrides,
     ], run_dir=run_dir, env={})
 
 
-def _fit(run_dir, steps: int, *overrides: str, stop_after: int | None = None) -> list[dict]:
+def _fit(run_dir, steps: int, *overrides: str) -> list[dict]:
     trainer = train.Trainer(_config(run_dir, steps, *overrides))
     metrics, step_fn = [], trainer.train_step
 
     def train_step():
         metrics.append(step_fn())
-        if trainer.step == stop_after:
-            trainer.stop.requested = True  # as SIGTERM does: the step finishes, a checkpoint is written
         return metrics[-1]
 
     trainer.train_step = train_step
@@ -152,27 +152,31 @@ def long_tailed(monkeypatch):
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_carried_samples_byte_for_byte(tmp_path, long_tailed):
-    """A run stopped after step 2 (as by SIGTERM) with unfinished samples carried, then resumed, rolls out steps 3
-    and 4 byte for byte as the run that went on: the checkpoint holds the groups in flight (tokens, log-probs,
-    steps) and the prompts waiting; error-fix prompts (on in the tiny recipe) go through the same data."""
-    straight = _fit(tmp_path / "straight", 4)
-    assert sum(m["rollout/partial/continued"] for m in straight) > 0
-    stopped = _fit(tmp_path / "resumed", 4, stop_after=2)
-    assert len(stopped) == 2 and stopped[1]["rollout/partial/carried"] > 0  # the checkpoint holds unfinished ones
-    resumed = _fit(tmp_path / "resumed", 4)
-    assert len(resumed) == 2
+    """A run resumed from its step-2 checkpoint with unfinished samples carried rolls out steps 3 and 4 byte for
+    byte as the run that went on: the checkpoint holds the groups in flight (tokens, log-probs, steps) and the
+    prompts waiting; error-fix prompts (on in the tiny recipe) go through the same data."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    went_on = _fit(straight, 4, "trainer.save_freq=2")
+    assert sum(m["rollout/partial/continued"] for m in went_on) > 0
+    assert went_on[1]["rollout/partial/carried"] > 0  # the step-2 checkpoint holds unfinished samples
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    for step in (3, 4):
+        (resumed / f"rollouts/step_{step}.jsonl").unlink()
+    again = _fit(resumed, 4)
+    assert len(again) == 2
     for step in (3, 4):
         name = f"rollouts/step_{step}.jsonl"
-        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes()
     for key in ("rollout/partial/continued", "rollout/partial/carried", "rollout/staleness/mean"):
-        assert [m[key] for m in resumed] == [m[key] for m in straight[2:]]
+        assert [m[key] for m in again] == [m[key] for m in went_on[2:]]
 
 
 @pytest.mark.slow
 def test_off_policy_partial_rollouts_continue_the_groups_while_the_step_trains(tmp_path, long_tailed):
     """Off-policy, step t + 1's generation (with the weights step t started from) continues the groups in flight
     while step t trains: every token trained is at least a step old, and carried samples go on."""
-    metrics = _fit(tmp_path / "run", 4, "algorithm.off_policy=true")
+    metrics = _fit(tmp_path / "run", 3, "algorithm.off_policy=true")
     assert all(m["rollout/staleness/mean"] >= 1 for m in metrics[1:]) and metrics[0]["rollout/staleness/max"] == 0
     assert sum(m["rollout/partial/continued"] for m in metrics) > 0
     assert all(m["actor/tis_weight"] > 0 for m in metrics)

@@ -1,0 +1,5 @@
+import sys
+
+from kimina_jax.report.cli import main
+
+sys.exit(main())
