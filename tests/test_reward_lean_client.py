@@ -229,7 +229,9 @@ def test_server_killed_and_restarted_mid_run(start_lean_server) -> None:
     codes = [valid(i, "-- standin: sleep 0.05\n") for i in range(300)]  # about 4 s with 4 REPLs
     with client(server.url, batch_size=8, max_in_flight=8, backoff_s=0.5, retries=4) as lean:
         futures = lean.submit(codes)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # a loaded machine starts the REPLs late: kill once a batch is back
+        while not any(f.done() for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.05)
         server.kill()
         done_before_kill = sum(f.done() for f in futures)
         server.start()
