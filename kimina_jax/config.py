@@ -246,7 +246,8 @@ class KlConfig:
 
     enabled: bool = False
     coef: float = 0.001
-    kind: Literal["k1", "abs", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    # verl's kl_loss_type; a trailing `+` (k1+, k3+, low_var_kl+, ...): the estimate's value with k2's gradient
+    kind: Literal["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "abs+", "k2+", "k3+", "low_var_kl+"] = "low_var_kl"
     ref_path: str | None = None  # HF folder of the reference; None: the policy's initial weights
     ref_offload: bool = False  # keep the reference in host memory between its log-prob passes
 
@@ -262,6 +263,96 @@ class FilterGroupsConfig:
     enabled: bool = False
     metric: Literal["score", "acc"] = "score"
     max_gen_batches: int = 0  # verl's max_num_gen_batches: generation batches per step at most; 0: no limit
+
+
+# The options each policy loss takes (algorithm.policy_loss_options): verl's names, defaults and our ranges.
+POLICY_LOSS_OPTIONS: dict[str, dict[str, tuple[float, str]]] = {
+    "sapo": {"tau_pos": (1.0, "> 0"), "tau_neg": (1.05, "> 0")},
+    "clip_cov": {"clip_cov_ratio": (0.0002, "(0, 1]"), "clip_cov_lb": (1.0, "finite"),
+                 "clip_cov_ub": (5.0, "> clip_cov_lb")},
+    "kl_cov": {"kl_cov_ratio": (0.0002, "(0, 1]"), "ppo_kl_coef": (0.1, ">= 0")},
+}
+POLICY_LOSS_NAMES = ("vanilla", "gspo", "cispo", "geo_mean", "sapo", "gpg", "clip_cov", "kl_cov")
+
+
+def policy_loss_options(name: str, options: Mapping[str, float], key: str | None = None) -> dict[str, float]:
+    """The options of policy loss `name`: `options` over verl's defaults, checked. An unknown loss, an option it
+    does not take or a value out of range is a KiminaError naming it (`key`: the options' config key)."""
+    if name not in POLICY_LOSS_NAMES:
+        raise KiminaError(f"unknown policy loss {name!r}; expected one of {', '.join(POLICY_LOSS_NAMES)}")
+    spec = POLICY_LOSS_OPTIONS.get(name, {})
+    for option in options:
+        if option not in spec:
+            takes = f"takes {', '.join(spec)}" if spec else "takes no options"
+            raise KiminaError(f"'{_option_key(key, option)}' is not an option of policy loss {name!r} (it {takes})")
+    values = {option: float(options.get(option, default)) for option, (default, _) in spec.items()}
+    for option, (_, allowed) in spec.items():
+        value = values[option]
+        ok = {"> 0": value > 0, ">= 0": value >= 0, "(0, 1]": 0 < value <= 1, "finite": math.isfinite(value),
+              "> clip_cov_lb": value > values.get("clip_cov_lb", -math.inf)}[allowed]
+        if not ok:
+            raise KiminaError(f"'{_option_key(key, option)}' must be {allowed}, got {value}")
+    return values
+
+
+def _option_key(key: str | None, option: str) -> str:
+    return option if key is None else f"{key}.{option}"
+
+
+# verl's rollout_rs criteria: a divergence (k1: log-ratio, k2, k3) per token, or per sequence its sum, mean or max.
+REJECTION_CRITERIA = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+                      "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+
+
+def rejection_criteria(spec: str, thresholds: str | float | None) -> list[tuple[str, float | None, float]]:
+    """verl's `rollout_rs` and `rollout_rs_threshold` read: (criterion, lower, upper) for each distinct criterion,
+    in order. k1 criteria bound the probability ratio (lower given, or 1/upper), the others the divergence."""
+    key = "algorithm.rollout_correction"
+    names = list(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))
+    if not names:
+        raise KiminaError(f"'{key}.rollout_rs' names no criterion; expected some of {', '.join(REJECTION_CRITERIA)}")
+    for name in names:
+        if name not in REJECTION_CRITERIA:
+            raise KiminaError(f"'{key}.rollout_rs': unknown criterion {name!r}; expected "
+                              f"{', '.join(REJECTION_CRITERIA)}")
+    if thresholds is None:
+        raise KiminaError(f"'{key}.rollout_rs' needs '{key}.rollout_rs_threshold'")
+    specs = [part.strip() for part in str(thresholds).split(",") if part.strip()]
+    if len(specs) not in (1, len(names)):
+        raise KiminaError(f"'{key}.rollout_rs_threshold' gives {len(specs)} thresholds for {len(names)} criteria: "
+                          "give one for all or one each")
+    criteria = []
+    for name, text in zip(names, specs * len(names) if len(specs) == 1 else specs):
+        parts = text.split("_") if name.endswith("k1") else [text]
+        try:
+            bounds = [float(part) for part in parts]
+        except ValueError:
+            bounds = []
+        if len(bounds) not in (1, 2) or not all(b > 0 and math.isfinite(b) for b in bounds):
+            form = "a ratio upper bound or lower_upper" if name.endswith("k1") else "one upper bound"
+            raise KiminaError(f"'{key}.rollout_rs_threshold' {text!r} for {name}: expected {form}, positive numbers")
+        lower = (bounds[0] if len(bounds) == 2 else 1.0 / bounds[0]) if name.endswith("k1") else None
+        criteria.append((name, lower, bounds[-1]))
+    return criteria
+
+
+@dataclasses.dataclass
+class RolloutCorrectionConfig:
+    """verl's rollout correction (`algorithm.rollout_correction`, grpo/rollout_correction.py): the engine's
+    log-probs of the sampled tokens against the old policy's, as importance weights on the policy loss and as
+    rejection of tokens or whole sequences. Applies on-policy too (training/inference mismatch)."""
+
+    # token: exp(old - engine log-prob) per token; sequence: exp of the sequence's sum; geometric: exp of its mean;
+    # auto: token where rollouts are off-policy (algorithm.off_policy, rollout.partial), none on-policy; none: off
+    rollout_is: Literal["auto", "none", "token", "sequence", "geometric"] = "auto"
+    rollout_is_threshold: float = 2.0  # the weights' upper truncation (verl's TIS cap)
+    rollout_is_batch_normalize: bool = False  # weights divided by their mean over the step's batch
+    # Rejection (verl's rollout_rs): comma-separated criteria, all to pass, among token_k1/k2/k3 (tokens),
+    # seq_sum_k1/k2/k3, seq_mean_k1/k2/k3, seq_max_k2/k3 (whole sequences); a rejected token leaves the loss
+    rollout_rs: str | None = None
+    # One threshold for every criterion or one each, comma-separated; a k1 criterion takes "lower_upper" ratio
+    # bounds (an upper alone: lower = 1/upper), the others an upper bound on the divergence
+    rollout_rs_threshold: str | float | None = None
 
 
 @dataclasses.dataclass
@@ -282,6 +373,12 @@ class AlgorithmConfig:
     # A constant factor on the aggregated loss (policy, KL and entropy terms) before gradients and clipping: the
     # normaliser stays SPEC 3's, this reproduces the original's gradient scale (its recipes: 2, see them).
     loss_scale: float = 1.0
+    # verl's actor.policy_loss.loss_mode (grpo/math.py POLICY_LOSSES; README's table of losses). vanilla: dual-clip
+    # PPO; gspo, sapo and geo_mean aggregate seq-mean-token-mean whatever loss_agg_mode says (as verl).
+    policy_loss: Literal[POLICY_LOSS_NAMES] = "vanilla"
+    # The loss's options under verl's names: sapo tau_pos, tau_neg; clip_cov clip_cov_ratio, clip_cov_lb,
+    # clip_cov_ub; kl_cov kl_cov_ratio, ppo_kl_coef. Unset: verl's defaults; one the loss does not take: refused.
+    policy_loss_options: dict[str, float] = dataclasses.field(default_factory=dict)
     kl: KlConfig = dataclasses.field(default_factory=KlConfig)
     entropy_coeff: float = 0.0
     ppo_mini_batch_size: int = 32  # prompts per optimizer update
@@ -295,9 +392,7 @@ class AlgorithmConfig:
     # One-step off-policy: step t+1's rollouts are generated with step t's weights as soon as step t's are, while
     # Lean checks step t's and step t trains.
     off_policy: bool = False
-    # Off-policy only: the policy loss of each token is multiplied by min(exp(old_logp - engine_logp), tis_cap)
-    # (truncated importance sampling, as verl's `tis_imp_ratio_cap`); 0 switches the correction off.
-    tis_cap: float = 2.0
+    rollout_correction: RolloutCorrectionConfig = dataclasses.field(default_factory=RolloutCorrectionConfig)
     filter_groups: FilterGroupsConfig = dataclasses.field(default_factory=FilterGroupsConfig)
 
 
@@ -709,7 +804,8 @@ RANGES: dict[str, str] = {
     "algorithm.pack_length": "> 0",
     "algorithm.micro_batch_rows": "> 0",
     "algorithm.logits_chunk_tokens": "> 0",
-    "algorithm.tis_cap": ">= 0; 0: no correction",
+    "algorithm.rollout_correction.rollout_is_threshold": "> 0",
+    "algorithm.rollout_correction.rollout_rs_threshold": "> 0; as a string, per criterion (rejection_criteria)",
     "algorithm.filter_groups.max_gen_batches": ">= 0; 0: no limit",
     "optim.lr": "> 0",
     "optim.warmup_steps": ">= 0",
@@ -788,6 +884,14 @@ def _check(cfg: TrainConfig, source: str) -> None:
         )
     if cfg.algorithm.adv_estimator == "rloo" and cfg.algorithm.norm_adv_by_std:
         fail("algorithm.adv_estimator 'rloo' has no std normalisation (as in verl); set algorithm.norm_adv_by_std false")
+    try:
+        algorithm = cfg.algorithm
+        policy_loss_options(algorithm.policy_loss, algorithm.policy_loss_options, "algorithm.policy_loss_options")
+        correction = cfg.algorithm.rollout_correction
+        if correction.rollout_rs is not None:
+            rejection_criteria(correction.rollout_rs, correction.rollout_rs_threshold)
+    except KiminaError as error:
+        fail(str(error))
     partial = cfg.rollout.partial
     if partial.enabled and cfg.rollout.engine == "vllm-server":
         fail("rollout.partial.enabled needs rollout.engine jax or vllm: a vllm-server call cannot be stopped part way")

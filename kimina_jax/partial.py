@@ -7,8 +7,8 @@ finished; those groups train now (the earliest finished first, surplus finished 
 other samples are carried, with their tokens so far, and continued in the next step with the weights then: never
 restarted. Each token keeps the behaviour log-prob of the weights that sampled it and the step those weights
 started (its staleness is counted from there), so the policy loss corrects each token by its own ratio
-(truncated importance sampling, `algorithm.tis_cap`). A group whose oldest token would train more than
-`max_staleness` steps after it was sampled is dropped.
+(the rollout correction, `algorithm.rollout_correction`: token-level truncated weights unless set otherwise).
+A group whose oldest token would train more than `max_staleness` steps after it was sampled is dropped.
 
 Prompts are drawn a whole batch at a time (the data position advances as with dynamic sampling's extra
 batches); drawn prompts wait here until a group's place is free. Everything held (groups, their tokens,

@@ -47,9 +47,12 @@ from kimina_jax.grpo import (
     TrainStep,
     batch_agg_metric,
     compute_advantages,
+    effective_agg_mode,
     pack_samples,
+    rollout_correction,
     row_length_buckets,
 )
+from kimina_jax.grpo.rollout_correction import is_active
 from kimina_jax.grpo.dynamic_sampling import GroupFilter
 from kimina_jax.models import load_hf_checkpoint
 from kimina_jax.models.attention import resolve_attention_impl
@@ -246,6 +249,8 @@ class Trainer:
             self.engine.sleep()  # releases vLLM's memory while JAX computes (no-op for the JAX sampler)
         with timed(metrics, "old_log_prob"):
             batches, entropies = self._old_logprobs(batches)
+        if is_active(self.cfg.algorithm.rollout_correction, self.step_fn.off_policy):
+            batches = self._rollout_correction(samples, batches, metrics)
         if self.reference is not None:
             with timed(metrics, "ref"):
                 batches = [(dataclasses.replace(b, ref_logp=self.reference.logprobs(b)), idx) for b, idx in batches]
@@ -422,26 +427,40 @@ class Trainer:
     def _pack(self, samples: list[Sample], verified: list[int], advantages: np.ndarray):
         """One PackedBatch per mini-batch of `ppo_mini_batch_size` prompts (unverified samples left out)."""
         per_prompt = self.cfg.algorithm.ppo_mini_batch_size * self.cfg.rollout.n
-        engine_logp = self.step_fn.uses_rollout_logp
         chunks = defaultdict(list)
         for index, advantage in zip(verified, advantages):
             chunks[index // per_prompt].append((index, float(advantage)))
         batches = []
         for _, members in sorted(chunks.items()):
-            items = [
-                PackItem(
-                    samples[i].prompt.token_ids, samples[i].completion.token_ids, adv,
-                    rollout_logp=samples[i].completion.logprobs if engine_logp else None,
-                )
-                for i, adv in members
-            ]
+            items = [PackItem(samples[i].prompt.token_ids, samples[i].completion.token_ids, adv) for i, adv in members]
             batch = pack_samples(
-                items, self.buckets, loss_agg_mode=self.cfg.algorithm.loss_agg_mode,
+                items, self.buckets, loss_agg_mode=self._agg_mode,
                 max_response_len=self.cfg.algorithm.loss_norm_length, rows_multiple=self.step_fn.rows_multiple,
                 mixed_lengths=self.cfg.algorithm.mixed_row_lengths, pad_id=self.tokenizer.pad_token_id or 0,
             )
             batches.append((batch, [i for i, _ in members]))
         return batches
+
+    @property
+    def _agg_mode(self) -> str:
+        """The policy loss's aggregation: the configured one, or the loss's own (gspo, sapo, geo_mean)."""
+        return effective_agg_mode(self.cfg.algorithm.policy_loss, self.cfg.algorithm.loss_agg_mode)
+
+    def _rollout_correction(self, samples, batches, metrics):
+        """The batches with verl's rollout correction of the step's responses (the engine's log-probs against the
+        old ones: importance weights, rejected tokens); its rollout_corr/* metrics into `metrics`."""
+        old = [values for batch, _ in batches for values in batch.response_values(batch.old_logp)]
+        engine = [samples[i].completion.logprobs for _, indices in batches for i in indices]
+        correction = rollout_correction(old, engine, self.cfg.algorithm.rollout_correction, self.step_fn.off_policy)
+        metrics.update(correction.metrics)
+        out, first = [], 0
+        for batch, indices in batches:
+            span = slice(first, first + len(indices))
+            first = span.stop
+            pick = lambda values: None if values is None else values[span]  # noqa: E731
+            out.append((batch.corrected(pick(correction.weights), pick(correction.keep), loss_agg_mode=self._agg_mode,
+                                        max_response_len=self.cfg.algorithm.loss_norm_length), indices))
+        return out
 
     def _old_logprobs(self, batches):
         """Each batch with its old log-probs (the weights before the step's updates), and every response's old

@@ -11,7 +11,10 @@ import pytest
 import yaml
 
 from kimina_jax.config import (
+    POLICY_LOSS_NAMES,
+    POLICY_LOSS_OPTIONS,
     RANGES,
+    policy_loss_options,
     RECIPE_DIR,
     EvalRunConfig,
     TrainConfig,
@@ -193,12 +196,25 @@ def _numeric_keys(cls, prefix=""):
         args = {tp, *typing.get_args(tp), *(a for arg in typing.get_args(tp) for a in typing.get_args(arg))}
         if dataclasses.is_dataclass(tp):
             yield from _numeric_keys(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is dict:
+            continue  # algorithm.policy_loss_options: each loss's ranges are in POLICY_LOSS_OPTIONS (next test)
         elif {int, float} & args:
             yield f"{prefix}{name}"
 
 
 def test_every_numeric_key_has_a_range():
     assert {*_numeric_keys(TrainConfig), *_numeric_keys(EvalRunConfig, "eval.")} == set(RANGES)
+
+
+def test_every_policy_loss_option_has_a_default_and_a_range():
+    assert set(POLICY_LOSS_OPTIONS) <= set(POLICY_LOSS_NAMES)
+    for name, options in POLICY_LOSS_OPTIONS.items():
+        assert policy_loss_options(name, {}) == {option: default for option, (default, _) in options.items()}
+        for option, (default, allowed) in options.items():
+            with pytest.raises(KiminaError, match=f"'algorithm.policy_loss_options.{option}' must be"):
+                load_config(overrides=[f"algorithm.policy_loss={name}", f"algorithm.policy_loss_options.{option}=nan"
+                                       if allowed == "finite" else f"algorithm.policy_loss_options.{option}=-1"],
+                            env=LEAN_ENV)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))

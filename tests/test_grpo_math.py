@@ -16,12 +16,12 @@ from kimina_jax.grpo import (
     aggregate_loss,
     batch_agg_metric,
     compute_advantages,
+    compute_policy_loss,
     entropy_from_logits,
     grpo_advantages,
     grpo_loss,
     informative_groups,
     kl_penalty,
-    policy_loss,
     sequence_token_weights,
 )
 
@@ -229,9 +229,9 @@ def test_informative_groups():
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_policy_loss_matches_reference(mode):
     logp, old, adv, mask = random_rollout(1)
-    loss, metrics = jax.jit(policy_loss, static_argnums=(4, 5, 6, 7, 8))(
-        logp, old, adv, mask, CLIP_LOW, CLIP_HIGH, CLIP_C, mode, MAX_LEN
-    )
+    loss, metrics = jax.jit(lambda *arrays: compute_policy_loss(
+        "vanilla", *arrays, agg_mode=mode, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, max_len=MAX_LEN
+    ))(logp, old, adv, mask)
     token_loss = ref_token_loss(logp, old, adv)
     np.testing.assert_allclose(float(loss), ref_aggregate(token_loss, mask, mode), rtol=1e-5, atol=1e-6)
 
@@ -269,7 +269,8 @@ def test_policy_loss_clamps_extreme_ratios_and_stays_finite():
     logp = jnp.array([[0.0, 0.0, 0.0, 0.0]])
     old = jnp.array([[-100.0, 100.0, -100.0, 0.0]])  # log-ratios +100, -100, +100, 0
     adv = jnp.array([[1.0, 1.0, -1.0, -1.0]])
-    loss, metrics = policy_loss(logp, old, adv, jnp.ones((1, 4)), CLIP_LOW, CLIP_HIGH, CLIP_C, "seq-mean-token-sum")
+    loss, metrics = compute_policy_loss("vanilla", logp, old, adv, jnp.ones((1, 4)), agg_mode="seq-mean-token-sum",
+                                        clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C)
     # A>0, ratio e^20: pessimistic max picks the clipped -1.3; A>0, ratio e^-20: -e^-20 (unclipped is larger);
     # A<0, ratio e^20: min(e^20, 3) = 3 (dual clip); A<0, ratio 1: 1.
     np.testing.assert_allclose(float(loss), -1.3 - np.exp(-20.0) + 3.0 + 1.0, rtol=1e-6)

@@ -1,8 +1,8 @@
 """The loop learns: `configs/learn_demo.yaml` (tiny random Qwen3, synthetic reward) raises its score from the
 base rate (about 0.2) to nearly 1 in 20 steps, through the real loop (sampler, advantages, packing, old log-probs,
-updates, weight sync), synchronously, one step off-policy, with vLLM as the engine, and with partial rollouts
-on (vLLM's continued samples: tests/test_rollout_vllm_partial.py). A sign error in the advantages, the loss or the
-weight sync makes the score fall or stay flat instead."""
+updates, weight sync), synchronously, one step off-policy, with vLLM as the engine, with partial rollouts on
+(vLLM's continued samples: tests/test_rollout_vllm_partial.py), and with verl's gspo and cispo losses. A sign
+error in the advantages, the loss or the weight sync makes the score fall or stay flat instead."""
 from __future__ import annotations
 
 import os
@@ -41,6 +41,8 @@ def learn(tmp_path, *overrides: str) -> tuple[list[float], float]:
     pytest.param(["algorithm.off_policy=true"], id="off-policy"),
     pytest.param(VLLM_ON_CPU, id="vllm", marks=requires_vllm),
     pytest.param(["rollout.partial.enabled=true"], id="partial"),
+    pytest.param(["algorithm.policy_loss=gspo"], id="gspo"),
+    pytest.param(["algorithm.policy_loss=cispo"], id="cispo"),
 ])
 def test_the_loop_learns(tmp_path, overrides):
     scores, wall_s = learn(tmp_path, *overrides)

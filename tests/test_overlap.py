@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from kimina_jax import train
 from kimina_jax.config import load_config
 from kimina_jax.errors import KiminaError
-from kimina_jax.grpo import PackItem, TrainStep, pack_samples, truncated_is_weight
+from kimina_jax.grpo import PackItem, TrainStep, pack_samples, rollout_correction
 from kimina_jax.pipeline import MainProcessRewarder, StepRollouts
 from kimina_jax.reward import Rewarder, StandinVerifier, Verifier
 from kimina_jax.rollout import JaxSampler, SamplingParams
@@ -35,21 +35,14 @@ from tests.test_eval_training_validation import EmptyProofs
 from tests.test_grpo_step import BUCKETS, CONFIG, MAX_RESPONSE, OPTIM, algorithm, flat_params, make_model, random_items
 
 REPO = Path(__file__).resolve().parents[1]
-TIS_CAP = 2.0
+TIS_CAP = 2.0  # algorithm.rollout_correction.rollout_is_threshold's default
 
 
-# ------------------------------------------------------------------------------------------- the TIS term
-def test_truncated_is_weight_matches_formula():
-    rng = np.random.default_rng(0)
-    old, engine = rng.normal(-2, 2, (2, 50)), rng.normal(-2, 2, (2, 50))
-    old[0, 0], engine[0, 0] = 0.0, -100.0  # a wild ratio: capped, never inf
-    expected = np.minimum(np.exp(np.clip(old - engine, -20, 20)), TIS_CAP)
-    np.testing.assert_allclose(truncated_is_weight(old, engine, TIS_CAP), expected, rtol=1e-6)
-    assert 0 < np.mean(expected == TIS_CAP) < 1
-
-
+# ------------------------------------------------------------------ the TIS term (the rollout correction's auto)
 def _batch(step, params, items, engine_shift, seed=0):
-    """Items packed with old log-probs = the current policy's plus noise, and engine log-probs = old - shift."""
+    """Items packed with old log-probs = the current policy's plus noise, and engine log-probs = old - shift,
+    corrected as train.py does (token-level truncated weights: off-policy's auto level). Returns the batch and the
+    engine's log-probs aligned like it."""
     rng = np.random.default_rng(seed)
     pack = lambda items: pack_samples(items, BUCKETS, loss_agg_mode="seq-mean-token-sum-norm",  # noqa: E731
                                       max_response_len=MAX_RESPONSE, rows_multiple=step.rows_multiple)
@@ -57,20 +50,22 @@ def _batch(step, params, items, engine_shift, seed=0):
     current = plain.response_values(step.logprobs(params, plain))
     old = [(v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for v in current]
     engine = [(o - engine_shift(rng, o.shape)).astype(np.float32) for o in old]
-    return pack([PackItem(i.prompt_ids, i.response_ids, i.advantage, o, rollout_logp=e)
-                 for i, o, e in zip(items, old, engine)])
+    batch = pack([PackItem(i.prompt_ids, i.response_ids, i.advantage, o) for i, o in zip(items, old)])
+    correction = rollout_correction(old, engine, step.algorithm.rollout_correction, step.off_policy)
+    batch = batch.corrected(correction.weights, correction.keep, loss_agg_mode="seq-mean-token-sum-norm",
+                            max_response_len=MAX_RESPONSE)
+    return batch, batch.token_values(engine)
 
 
 def test_off_policy_update_equals_on_policy_when_engine_logprobs_match():
     model, items = make_model(), random_items(1)
     on = TrainStep(model, algorithm(), OPTIM)
-    off = TrainStep(model, algorithm(off_policy=True, tis_cap=TIS_CAP), OPTIM)
-    assert off.uses_rollout_logp and not on.uses_rollout_logp
-    batch = _batch(off, on.init_state(model).params, items, lambda rng, shape: np.zeros(shape))
+    off = TrainStep(model, algorithm(off_policy=True), OPTIM)
+    assert off.uses_is_weights and not on.uses_is_weights
+    batch, _ = _batch(off, on.init_state(model).params, items, lambda rng, shape: np.zeros(shape))
     on_state, on_metrics = on.update(on.init_state(model), batch, 0)
     off_state, off_metrics = off.update(off.init_state(model), batch, 0)
     on_metrics, off_metrics = jax.device_get((on_metrics, off_metrics))
-    assert off_metrics.pop("actor/tis_weight") == pytest.approx(1.0)
     assert on_metrics.keys() == off_metrics.keys()
     for name in on_metrics:
         np.testing.assert_allclose(off_metrics[name], on_metrics[name], rtol=1e-6, atol=1e-9, err_msg=name)
@@ -82,12 +77,12 @@ def test_off_policy_update_equals_on_policy_when_engine_logprobs_match():
 
 def test_off_policy_loss_weights_each_token_by_the_truncated_ratio():
     model, items = make_model(), random_items(2)
-    step = TrainStep(model, algorithm(off_policy=True, tis_cap=TIS_CAP), OPTIM)
+    step = TrainStep(model, algorithm(off_policy=True), OPTIM)
     state = step.init_state(model)
-    batch = _batch(step, state.params, items, lambda rng, shape: rng.normal(0, 1.0, shape))
+    batch, engine = _batch(step, state.params, items, lambda rng, shape: rng.normal(0, 1.0, shape))
     logp = step.logprobs(state.params, batch).astype(np.float64)  # the policy the update starts from
     mask = batch.loss_mask.astype(bool)
-    a, old, engine = batch.advantages.astype(np.float64), batch.old_logp, batch.rollout_logp
+    a, old = batch.advantages.astype(np.float64), batch.old_logp
     ratio = np.exp(np.clip(logp - old, -20, 20))
     pessimistic = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.3))
     ppo = np.where(a < 0, np.minimum(pessimistic, -a * 3.0), pessimistic)
@@ -97,7 +92,6 @@ def test_off_policy_loss_weights_each_token_by_the_truncated_ratio():
     _, metrics = step.update(state, batch, 0)
     metrics = jax.device_get(metrics)
     np.testing.assert_allclose(metrics["actor/pg_loss"], expected, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(metrics["actor/tis_weight"], np.mean(weight[mask]), rtol=1e-5)
 
 
 def test_off_policy_batch_without_engine_logprobs_is_refused():
@@ -107,13 +101,14 @@ def test_off_policy_batch_without_engine_logprobs_is_refused():
              for i in random_items(3)]
     batch = pack_samples(items, BUCKETS, loss_agg_mode="seq-mean-token-sum-norm", max_response_len=MAX_RESPONSE,
                          rows_multiple=step.rows_multiple)
-    with pytest.raises(KiminaError, match="no rollout_logp"):
+    with pytest.raises(KiminaError, match="no is_weights"):
         step.update(step.init_state(model), batch, 0)
 
 
 @pytest.mark.parametrize("override, message", [
     ("rollout.overlap_chunks=0", "'rollout.overlap_chunks' must be > 0"),
-    ("algorithm.tis_cap=-1", "'algorithm.tis_cap' must be >= 0"),
+    ("algorithm.rollout_correction.rollout_is_threshold=0",
+     "'algorithm.rollout_correction.rollout_is_threshold' must be > 0"),
 ])
 def test_config_checks_the_new_keys(override, message):
     with pytest.raises(KiminaError, match=message):
@@ -297,7 +292,7 @@ def test_tiny_recipe_trains_off_policy_and_resumes(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     scalar = lambda tag: [e.value for e in events.Scalars(tag)]  # noqa: E731
     assert len(scalar("timing_s/gen_wait")) == 2  # steps 1 and 2 generated the next step's rollouts
-    assert all(w > 0 for w in scalar("actor/tis_weight"))
+    assert all(w > 0 for w in scalar("rollout_corr/rollout_is_mean"))
     # Steps 2 and 3 trained on rollouts of the weights one step older: the engine's log-probs differ.
     lp_diff = scalar("rollout/logprob_diff_mean")
     assert lp_diff[0] < 1e-5 < min(lp_diff[1:])

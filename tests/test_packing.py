@@ -8,7 +8,7 @@ import pytest
 
 from kimina_jax.errors import KiminaError
 from kimina_jax.grpo import AGG_MODES, PackItem, aggregate_loss, pack_samples, ppo_token_loss, row_length_buckets
-from kimina_jax.grpo.math import grpo_advantages
+from kimina_jax.grpo import grpo_advantages
 from kimina_jax.models.attention import MAX_SEGMENTS_PER_ROW
 from tests.test_grpo_math import ref_aggregate
 

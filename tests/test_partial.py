@@ -105,8 +105,8 @@ def test_each_token_keeps_the_log_prob_of_the_weights_that_sampled_it(tiny_model
 
 def test_the_loss_is_corrected_with_the_rollout_log_probs_when_partial(tiny_model, tmp_path):
     algorithm = load_config("tiny", [], run_dir=tmp_path, env={}).algorithm
-    assert TrainStep(tiny_model, algorithm, OptimConfig(), stale_rollouts=True).uses_rollout_logp
-    assert not TrainStep(tiny_model, algorithm, OptimConfig()).uses_rollout_logp
+    assert TrainStep(tiny_model, algorithm, OptimConfig(), stale_rollouts=True).uses_is_weights
+    assert not TrainStep(tiny_model, algorithm, OptimConfig()).uses_is_weights
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -179,7 +179,7 @@ def test_off_policy_partial_rollouts_continue_the_groups_while_the_step_trains(t
     metrics = _fit(tmp_path / "run", 3, "algorithm.off_policy=true")
     assert all(m["rollout/staleness/mean"] >= 1 for m in metrics[1:]) and metrics[0]["rollout/staleness/max"] == 0
     assert sum(m["rollout/partial/continued"] for m in metrics) > 0
-    assert all(m["actor/tis_weight"] > 0 for m in metrics)
+    assert all(m["rollout_corr/rollout_is_mean"] > 0 for m in metrics)
 
 
 @pytest.mark.slow

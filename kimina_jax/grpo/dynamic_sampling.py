@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kimina_jax.grpo.math import informative_groups
+from kimina_jax.grpo.advantages import informative_groups
 from kimina_jax.types import Sample
 
 

@@ -8,128 +8,28 @@ Conventions shared by every function here:
   batch with no masked token at all aggregates to 0, never NaN.
 - Micro-batch invariance: the aggregate of a mini-batch is a weighted token sum whose weights only need two
   mini-batch-level normalisers, `num_tokens` (masked tokens) and `num_seqs` (sequences). Passing those to
-  `aggregate_loss` / `policy_loss` for each micro-batch makes the micro-batch results add up exactly to the
+  `aggregate_loss` for each micro-batch makes the micro-batch results add up exactly to the
   mini-batch's. `sequence_token_weights` gives the per-token weight itself (packing stores it per token).
 """
 from __future__ import annotations
 
-import functools
-
-from typing import Any, Callable, Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimina_jax.config import policy_loss_options
 from kimina_jax.errors import KiminaError
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+_KL_BASE_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# With a trailing `+`: straight-through, the estimate's value with k2's gradient (verl).
+KL_KINDS = (*_KL_BASE_KINDS, *(f"{kind}+" for kind in _KL_BASE_KINDS))
 # verl clamps log-ratios before exp so that one wild token cannot overflow the loss.
 LOG_RATIO_LIMIT = 20.0
 LOW_VAR_KL_LIMIT = 10.0
-
-
-def grpo_advantages(scores: Any, group_ids: Any, norm_by_std: bool = False, eps: float = 1e-6) -> jax.Array:
-    """A_i = r_i - mean(group of i), optionally / (unbiased std(group) + eps); a group of one gets 0.
-
-    `group_ids` may be any integers (not necessarily contiguous); see `_groups` for how group sums are taken.
-    SPEC 3 gives a lone response mean 0 (advantage = its reward, as verl does); issue 3 overrides that
-    with 0, since one response carries no group-relative signal.
-    """
-    scores, same, count = _groups(scores, group_ids)
-    mean = _group_sum(same, scores) / count
-    advantages = scores - mean
-    if norm_by_std:
-        advantages = advantages / (_group_std(scores, same, count, mean) + eps)
-    return jnp.where(count > 1, advantages, 0.0)
-
-
-def rloo_advantages(scores: Any, group_ids: Any, norm_by_std: bool = False, eps: float = 1e-6) -> jax.Array:
-    """RLOO (verl's `rloo`): A_i = r_i - mean of the other responses of its group; a group of one gets 0.
-
-    verl computes it as n/(n-1) * (r_i - mean(group)), the same number, and leaves a lone response's reward as its
-    advantage; a group of one gets 0 here, as in `grpo_advantages`. verl's RLOO has no std normalisation, so
-    `norm_by_std=True` is refused rather than ignored; `eps` is unused (kept for the registry's common signature).
-    """
-    if norm_by_std:
-        raise KiminaError("the rloo advantage has no std normalisation (as in verl); set norm_by_std false")
-    scores, same, count = _groups(scores, group_ids)
-    others = _group_sum(same, scores) - scores
-    return jnp.where(count > 1, scores - others / jnp.maximum(count - 1.0, 1.0), 0.0)
-
-
-def grpo_passk_advantages(scores: Any, group_ids: Any, norm_by_std: bool = False, eps: float = 1e-6) -> jax.Array:
-    """Pass@k (verl's `grpo_passk`): only the best response of a group gets an advantage, r_max - r_second_max,
-    optionally / (unbiased std(group) + eps); every other response gets 0, and so does a group of one (verl
-    refuses groups of one).
-
-    Computed as A_i = max(0, r_i - max of the others in its group), which is that number for every input: ties at
-    the top give 0 whichever tied response verl's `topk` picks (r_max - r_second_max = 0), so no tie-break is needed.
-    """
-    scores, same, count = _groups(scores, group_ids)
-    others = (same > 0) & ~jnp.eye(scores.shape[0], dtype=bool)
-    best_other = jnp.max(jnp.where(others, scores[None, :], -jnp.inf), axis=1)
-    advantages = jnp.maximum(scores - best_other, 0.0)
-    if norm_by_std:
-        advantages = advantages / (_group_std(scores, same, count, _group_sum(same, scores) / count) + eps)
-    # A lone response's best_other is -inf: its advantage is set here, not computed.
-    return jnp.where(count > 1, advantages, 0.0)
-
-
-AdvantageEstimator = Callable[..., jax.Array]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "grpo": grpo_advantages,
-    "rloo": rloo_advantages,
-    "grpo_passk": grpo_passk_advantages,
-}
-
-
-def compute_advantages(
-    name: str, scores: Any, group_ids: Any, norm_by_std: bool = False, eps: float = 1e-6
-) -> jax.Array:
-    """Per-response advantages by the estimator `name` of `ADVANTAGE_ESTIMATORS` (`algorithm.adv_estimator`).
-
-    Dr. GRPO needs no estimator of its own: it is `grpo` without std normalisation, aggregated with
-    `seq-mean-token-sum-norm`, i.e. `algorithm.norm_adv_by_std=false` and
-    `algorithm.loss_agg_mode=seq-mean-token-sum-norm`: the defaults, and the Kimina recipe's own setting.
-    """
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise KiminaError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name](scores, group_ids, norm_by_std, eps)
-
-
-def informative_groups(values: Any, group_ids: Any) -> np.ndarray:
-    """Per sample: whether its group's `values` (e.g. scores) are not all equal, i.e. whether the group carries a
-    group-relative signal (DAPO's filter keeps these groups). A group of one is not informative. Runs on host."""
-    values = np.asarray(values, np.float64).ravel()
-    groups, inverse = np.unique(np.asarray(group_ids), return_inverse=True)
-    inverse = inverse.ravel()
-    low = np.full(len(groups), np.inf)
-    high = np.full(len(groups), -np.inf)
-    np.minimum.at(low, inverse, values)
-    np.maximum.at(high, inverse, values)
-    return (low < high)[inverse]
-
-
-def _groups(scores: Any, group_ids: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float32 scores, the [N, N] float32 same-group matrix and each response's group size. Group sums are
-    elementwise float32 sums over this matrix (no matmul, so no reduced-precision passes on TPU)."""
-    scores = jnp.asarray(scores, jnp.float32)
-    group_ids = jnp.asarray(group_ids)
-    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
-    return scores, same, same.sum(axis=1)
-
-
-def _group_sum(same: jax.Array, values: jax.Array) -> jax.Array:
-    """Sum of `values` over each response's group."""
-    return (same * values[None, :]).sum(axis=1)
-
-
-def _group_std(scores: jax.Array, same: jax.Array, count: jax.Array, mean: jax.Array) -> jax.Array:
-    """Unbiased std of each response's group (0 for a group of one)."""
-    squares = (same * (scores[None, :] - mean[:, None]) ** 2).sum(axis=1)
-    return jnp.sqrt(squares / jnp.maximum(count - 1.0, 1.0))
 
 
 def sequence_token_weights(
@@ -214,15 +114,76 @@ def masked_mean(values: Any, mask: Any) -> jax.Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 
+def sequence_means(mask: Any, segment_ids: Any = None) -> Callable[[Any], jax.Array]:
+    """A function giving each token its sequence's masked mean of per-token values: a sequence is a row of [..., T]
+    arrays, or, with `segment_ids` (packed rows, 0 = padding), one segment of a row. Unmasked tokens get 0."""
+    mask = jnp.asarray(mask, jnp.float32)
+    if segment_ids is None:
+        def mean(values):
+            total = jnp.sum(jnp.where(mask > 0, values, 0.0) * mask, axis=-1, keepdims=True)
+            return jnp.where(mask > 0, total / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1.0), 0.0)
+        return mean
+    segment_ids = jnp.asarray(segment_ids)
+    width = segment_ids.shape[-1]
+    # One id per (row, segment): a segment holds at least one token, so a row has fewer than `width` segments.
+    ids = (jnp.arange(segment_ids.size // width).reshape(segment_ids.shape[:-1])[..., None] * width
+           + segment_ids).ravel()
+    counts = jax.ops.segment_sum(mask.ravel(), ids, num_segments=segment_ids.size)
+
+    def segment_mean(values):
+        totals = jax.ops.segment_sum((jnp.where(mask > 0, values, 0.0) * mask).ravel(), ids,
+                                     num_segments=segment_ids.size)
+        means = (totals / jnp.maximum(counts, 1.0))[ids].reshape(mask.shape)
+        return jnp.where(mask > 0, means, 0.0)
+    return segment_mean
+
+
+class PolicyInputs(NamedTuple):
+    """What a registered policy loss computes from: [..., T] arrays, zero outside `mask`, and the reductions."""
+
+    logp: jax.Array
+    old_logp: jax.Array
+    advantages: jax.Array
+    mask: jax.Array
+    clip_low: float
+    clip_high: float
+    clip_c: float
+    sequence_mean: Callable[[jax.Array], jax.Array]  # `sequence_means`
+    key: jax.Array  # randomness (clip_cov's pick)
+
+    def log_ratio(self, clamp: bool = True) -> jax.Array:
+        """logp - old_logp, clamped to +-LOG_RATIO_LIMIT where verl clamps it."""
+        log_ratio = self.logp - self.old_logp
+        return jnp.clip(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT) if clamp else log_ratio
+
+    def clipped(self, ratio: jax.Array) -> jax.Array:
+        return jnp.clip(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
+
+
+PolicyTokenLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLoss:
+    """One entry of `POLICY_LOSSES`: the per-token loss and per-token metric indicators (`PolicyInputs`,
+    **options) -> (loss, {pg_clipfrac, pg_clipfrac_lower, ppo_kl}: those it has; options as
+    `config.policy_loss_options` gives them), the aggregation it forces (verl's) and how rollout IS weights enter."""
+
+    token_loss: PolicyTokenLoss
+    agg_mode: str | None = None  # None: the configured one
+    sequence_is_weights: bool = False  # the weights enter as each sequence's geometric mean (verl's geo_mean)
+    random: bool = False  # draws from `PolicyInputs.key` (clip_cov's pick)
+
+
+POLICY_METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
+
+
 def ppo_token_loss(
     logp: Any, old_logp: Any, advantages: Any, clip_low: float, clip_high: float, clip_c: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token dual-clip PPO loss and per-token 0/1 indicators behind the metrics (verl's definitions).
-
-    Returns (loss, {pg_clipfrac: the clipped branch was taken, pg_clipfrac_lower: the dual clip -A*clip_c
-    was taken (A < 0), ppo_kl: old_logp - logp with the log-ratio clamp}). A masked mean of each indicator
-    is the metric; the train step sums them over micro-batches instead.
-    """
+    """Per-token dual-clip PPO loss (`vanilla`) and per-token indicators behind its metrics (verl's definitions):
+    pg_clipfrac: the clipped branch was taken, pg_clipfrac_lower: the dual clip -A*clip_c was (A < 0), ppo_kl:
+    old_logp - logp with the log-ratio clamp. A masked mean of each indicator is the metric."""
     log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -239,26 +200,140 @@ def ppo_token_loss(
     return loss, indicators
 
 
-def policy_loss(
-    logp: Any,
-    old_logp: Any,
-    advantages: Any,
-    mask: Any,
-    clip_low: float,
-    clip_high: float,
-    clip_c: float,
-    agg_mode: str,
-    max_len: int | None = None,
-    num_tokens: Any = None,
-    num_seqs: Any = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The PPO-clip policy loss of SPEC 3 over [..., T] rows, and its metrics as masked means.
+def _vanilla(x: PolicyInputs):
+    return ppo_token_loss(x.logp, x.old_logp, x.advantages, x.clip_low, x.clip_high, x.clip_c)
 
-    Returns (loss, {pg_clipfrac, pg_clipfrac_lower, ppo_kl}); the metrics cover this call's tokens only.
+
+def _gspo(x: PolicyInputs):
+    """GSPO: the sequence's ratio exp(mean log-ratio), carried to each token with that token's own gradient."""
+    sequence = jax.lax.stop_gradient(x.sequence_mean(x.log_ratio(clamp=False)))
+    ratio = jnp.exp(jnp.minimum(x.logp - jax.lax.stop_gradient(x.logp) + sequence, 10.0))
+    unclipped, clipped = -x.advantages * ratio, -x.advantages * x.clipped(ratio)
+    return jnp.maximum(unclipped, clipped), {"pg_clipfrac": (clipped > unclipped).astype(jnp.float32),
+                                             "ppo_kl": -x.log_ratio(clamp=False)}
+
+
+def _cispo(x: PolicyInputs):
+    """CISPO: the clipped ratio as a constant weight on the log-prob's gradient (no token's gradient is cut)."""
+    ratio = jnp.exp(x.log_ratio())
+    weight = jax.lax.stop_gradient(x.clipped(ratio))
+    return -weight * x.advantages * x.logp, {"pg_clipfrac": (ratio != weight).astype(jnp.float32),
+                                             "ppo_kl": -x.log_ratio()}
+
+
+def _sapo(x: PolicyInputs, tau_pos: float, tau_neg: float):
+    """SAPO: a soft sigmoid gate on the ratio instead of a hard clip, steeper for negative advantages."""
+    tau = jnp.where(x.advantages > 0, tau_pos, tau_neg)
+    gate = jax.nn.sigmoid(tau * (jnp.exp(x.log_ratio()) - 1.0)) * (4.0 / tau)
+    return -gate * x.advantages, {"ppo_kl": -x.log_ratio()}
+
+
+def _gpg(x: PolicyInputs):
+    """GPG: the plain policy gradient, -A log-prob (no ratio, no clip)."""
+    return -x.logp * x.advantages, {"ppo_kl": -x.log_ratio(clamp=False)}
+
+
+def _geo_mean(x: PolicyInputs):
+    """GMPO: the geometric mean of the sequence's token ratios, each log-ratio clipped on its advantage's side."""
+    log_ratio = x.log_ratio(clamp=False)
+    sign = jnp.sign(x.advantages)
+    bounded = jnp.clip(log_ratio, -x.clip_low, x.clip_high)
+    pessimistic = sign * jnp.minimum(sign * log_ratio, sign * bounded)
+    loss = -x.sequence_mean(x.advantages) * jnp.exp(x.sequence_mean(pessimistic))
+    clipped = log_ratio != bounded
+    return loss, {"pg_clipfrac": (clipped & (x.advantages > 0)).astype(jnp.float32),
+                  "pg_clipfrac_lower": (clipped & (x.advantages < 0)).astype(jnp.float32), "ppo_kl": -log_ratio}
+
+
+def _covariance(x: PolicyInputs) -> jax.Array:
+    """Each masked token's (A - mean A) (logp - mean logp) over the call's tokens, a constant (entropy mechanism)."""
+    logp = jax.lax.stop_gradient(x.logp)
+    return (x.advantages - masked_mean(x.advantages, x.mask)) * (logp - masked_mean(logp, x.mask))
+
+
+def _first_ranked(scores: jax.Array, eligible: jax.Array, count: jax.Array) -> jax.Array:
+    """The `count` eligible entries of highest score (as many as there are, when fewer)."""
+    flat = jnp.where(eligible, scores, -jnp.inf).ravel()
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return eligible & (rank.reshape(scores.shape) < count)
+
+
+def _clip_cov(x: PolicyInputs, clip_cov_ratio: float, clip_cov_lb: float, clip_cov_ub: float):
+    """Clip-Cov: PPO-clip, plus the gradient cut from a random few tokens whose covariance is in (lb, ub)."""
+    ratio = jnp.exp(x.log_ratio(clamp=False))
+    unclipped, clipped = -x.advantages * ratio, -x.advantages * x.clipped(ratio)
+    covariance = _covariance(x)
+    candidates = (x.mask > 0) & ~(clipped > unclipped) & (covariance > clip_cov_lb) & (covariance < clip_cov_ub)
+    count = jnp.maximum(jnp.floor(clip_cov_ratio * x.mask.sum()).astype(jnp.int32), 1)
+    cut = _first_ranked(jax.random.uniform(x.key, x.mask.shape), candidates, count)
+    return jnp.maximum(unclipped, clipped) * (1.0 - cut), {"pg_clipfrac": cut.astype(jnp.float32),
+                                                           "ppo_kl": -x.log_ratio(clamp=False)}
+
+
+def _kl_cov(x: PolicyInputs, kl_cov_ratio: float, ppo_kl_coef: float):
+    """KL-Cov: the unclipped ratio loss, plus |log-ratio| x ppo_kl_coef on the tokens of largest covariance."""
+    log_ratio = x.log_ratio(clamp=False)
+    loss = -x.advantages * jnp.exp(log_ratio)
+    count = jnp.maximum(jnp.floor(x.mask.sum() * kl_cov_ratio).astype(jnp.int32), 1)
+    penalised = _first_ranked(_covariance(x), x.mask > 0, count)
+    return loss + jnp.where(penalised, ppo_kl_coef * jnp.abs(log_ratio), 0.0), {"ppo_kl": jnp.abs(log_ratio)}
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "vanilla": PolicyLoss(_vanilla),
+    "gspo": PolicyLoss(_gspo, agg_mode="seq-mean-token-mean"),
+    "cispo": PolicyLoss(_cispo),
+    "geo_mean": PolicyLoss(_geo_mean, agg_mode="seq-mean-token-mean", sequence_is_weights=True),
+    "sapo": PolicyLoss(_sapo, agg_mode="seq-mean-token-mean"),
+    "gpg": PolicyLoss(_gpg),
+    "clip_cov": PolicyLoss(_clip_cov, random=True),
+    "kl_cov": PolicyLoss(_kl_cov),
+}
+
+
+def policy_token_losses(
+    name: str, inputs: PolicyInputs, options: Mapping[str, float], is_weights: Any = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss `name`'s per-token loss with `options` (over verl's defaults: `config.policy_loss_options`), times the
+    rollout correction's `is_weights` when given, and the per-token indicators of all of `POLICY_METRICS` (0 where
+    the loss has none, as verl reports none)."""
+    spec = POLICY_LOSSES[name]
+    loss, indicators = spec.token_loss(inputs, **policy_loss_options(name, options))
+    if is_weights is not None:
+        weights = jnp.asarray(is_weights, jnp.float32)
+        if spec.sequence_is_weights:
+            weights = jnp.exp(inputs.sequence_mean(jnp.log(weights + 1e-10)))
+        loss = loss * weights
+    zeros = jnp.zeros_like(loss)
+    return loss, {metric: indicators.get(metric, zeros) for metric in POLICY_METRICS}
+
+
+def _inputs(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, segment_ids=None, key=None):
+    """`PolicyInputs` with everything outside `mask` zeroed: garbage there must not reach a value or a gradient."""
+    mask = jnp.asarray(mask, jnp.float32)
+    inside = lambda values: jnp.where(mask > 0, jnp.asarray(values, jnp.float32), 0.0)  # noqa: E731
+    return PolicyInputs(inside(logp), inside(old_logp), inside(advantages), mask, clip_low, clip_high, clip_c,
+                        sequence_means(mask, segment_ids), jax.random.key(0) if key is None else key)
+
+
+def compute_policy_loss(
+    name: str, logp: Any, old_logp: Any, advantages: Any, mask: Any, *, agg_mode: str, clip_low: float,
+    clip_high: float, clip_c: float = 3.0, max_len: int | None = None, **options: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """verl's policy loss `name` (`POLICY_LOSSES`) over [B, T] rows, one sequence a row, aggregated with `agg_mode`
+    (or the loss's own: gspo, sapo and geo_mean take seq-mean-token-mean, as verl). `options`: the loss's own
+    (verl's names; `policy_loss_options`), `rollout_is_weights` ([B, T], the rollout correction's) and, for
+    clip_cov's random pick, `rng` (a key). Returns (loss, {pg_clipfrac, ppo_kl, pg_clipfrac_lower}: masked means).
     """
-    token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
-    loss = aggregate_loss(token_loss, mask, agg_mode, max_len, num_tokens, num_seqs)
-    return loss, {name: masked_mean(value, mask) for name, value in indicators.items()}
+    is_weights = options.pop("rollout_is_weights", None)
+    key = options.pop("rng") if name in POLICY_LOSSES and POLICY_LOSSES[name].random and "rng" in options else None
+    policy_loss_options(name, options)  # an unknown loss or option (`rng` too, but for clip_cov) fails here
+    inputs = _inputs(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, key=key)
+    token_loss, indicators = policy_token_losses(name, inputs, options, is_weights)
+    mode = POLICY_LOSSES[name].agg_mode or agg_mode
+    loss = aggregate_loss(token_loss, inputs.mask, mode, max_len)
+    return loss, {metric: masked_mean(value, inputs.mask) for metric, value in indicators.items()}
 
 
 def grpo_loss(
@@ -271,35 +346,33 @@ def grpo_loss(
     clip_low: float,
     clip_high: float,
     clip_c: float,
+    policy_loss: str = "vanilla",
+    options: Mapping[str, float] | None = None,
+    segment_ids: Any = None,
+    key: jax.Array | None = None,
+    is_weights: Any = None,
     entropy: Any = None,
     entropy_coeff: float = 0.0,
     ref_logp: Any = None,
     kl_coef: float = 0.0,
     kl_kind: str = "low_var_kl",
-    rollout_logp: Any = None,
-    tis_cap: float = 0.0,
     loss_scale: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss of SPEC 3 over tokens with aggregation `weights` (see `weighted_token_sum`), built from this
-    module's terms: pg_loss - entropy_coeff * entropy term + kl_coef * KL term, each aggregated alike (verl's
-    `agg_loss` with one mode) and times `loss_scale`. With `rollout_logp` (off-policy), each token's policy loss
-    is first multiplied by its truncated importance-sampling weight.
+    """The loss of SPEC 3 over tokens with aggregation `weights` (see `weighted_token_sum`; for a loss that forces
+    its aggregation, pack with `effective_agg_mode`): policy loss `policy_loss` (`POLICY_LOSSES`, with `options`
+    from `policy_loss_options`, per-token `is_weights` from the rollout correction) - entropy_coeff * entropy term
+    + kl_coef * KL term, each aggregated alike (verl's `agg_loss` with one mode), times `loss_scale`. Sequences
+    are rows, or with `segment_ids` the segments of packed rows; `key`: the loss's randomness (clip_cov).
 
-    Returns (loss, sums): `pg_loss`, `loss_tokens`, the masked token sums of the `ppo_token_loss` indicators
-    (a mini-batch adds micro-batches' sums, then divides by its loss tokens), `kl_loss` with a reference and
-    `tis_weight` (a token sum) with rollout log-probs.
+    Returns (loss, sums): `pg_loss`, `loss_tokens`, the masked token sums of the `POLICY_METRICS` indicators
+    (a mini-batch adds micro-batches' sums, then divides by its loss tokens) and `kl_loss` with a reference.
     """
-    mask = jnp.asarray(mask, jnp.float32)
+    inputs = _inputs(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, segment_ids, key)
+    mask = inputs.mask
     weights = loss_scale * jnp.asarray(weights, jnp.float32)  # so pg_loss and kl_loss read at the scale trained
-    token_sum = functools.partial(weighted_token_sum, mask=mask, weights=1.0)  # the metrics' plain token sums
-    token_loss, indicators = ppo_token_loss(logp, old_logp, advantages, clip_low, clip_high, clip_c)
-    sums = {"loss_tokens": jnp.sum(mask)}
-    if rollout_logp is not None:
-        weight = truncated_is_weight(old_logp, rollout_logp, tis_cap)
-        token_loss = token_loss * weight
-        sums["tis_weight"] = token_sum(weight)
-    sums["pg_loss"] = weighted_token_sum(token_loss, mask, weights)
-    sums.update({name: token_sum(value) for name, value in indicators.items()})
+    token_loss, indicators = policy_token_losses(policy_loss, inputs, options or {}, is_weights)
+    sums = {"loss_tokens": jnp.sum(mask), "pg_loss": weighted_token_sum(token_loss, mask, weights)}
+    sums.update({name: weighted_token_sum(value, mask, 1.0) for name, value in indicators.items()})
     loss = sums["pg_loss"]
     if entropy_coeff:
         loss = loss - entropy_coeff * weighted_token_sum(entropy, mask, weights)
@@ -309,16 +382,18 @@ def grpo_loss(
     return loss, sums
 
 
-def truncated_is_weight(old_logp: Any, rollout_logp: Any, cap: float) -> jax.Array:
-    """Truncated importance-sampling weight of each token, min(exp(old_logp - rollout_logp), cap): corrects a
-    policy loss whose samples came from the rollout engine's weights rather than the old policy's (verl's TIS,
-    with the log-ratio clamp of this module). A constant for the gradient: both inputs are fixed numbers."""
-    log_ratio = jnp.clip(jnp.asarray(old_logp) - jnp.asarray(rollout_logp), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    return jnp.minimum(jnp.exp(log_ratio), cap)
+def effective_agg_mode(policy_loss: str, agg_mode: str) -> str:
+    """The aggregation loss `policy_loss` trains with: its own where it forces one (gspo, sapo, geo_mean)."""
+    return POLICY_LOSSES[policy_loss].agg_mode or agg_mode
 
 
 def kl_penalty(logp: Any, ref_logp: Any, kind: str) -> jax.Array:
-    """Per-token KL estimate between the policy and the reference: k1/kl, abs, k2/mse, k3/low_var_kl."""
+    """Per-token KL estimate between the policy and the reference: k1/kl, abs, k2/mse, k3/low_var_kl; a trailing
+    `+` (verl's straight-through kinds) keeps the estimate's value with k2's gradient, logp - ref_logp."""
+    if kind.endswith("+") and kind in KL_KINDS:
+        k2 = 0.5 * jnp.square(logp - ref_logp)
+        value = jax.lax.stop_gradient(kl_penalty(logp, ref_logp, kind[:-1]))
+        return k2 - jax.lax.stop_gradient(k2) + value
     if kind in ("k1", "kl"):
         return logp - ref_logp
     if kind == "abs":

@@ -6,8 +6,8 @@ Layout of a `PackedBatch` (all arrays [rows, length], numpy):
 - every per-token array is aligned to the INPUT position t: entry t describes the prediction made at t, whose
   target is `targets[r, t]` (the next token of the same segment). `loss_mask` is 1 where that target is a
   response token, so an item with P prompt and R response tokens has loss positions start+P-1 ... start+P+R-2
-  and its last response token is input only. `advantages`, `old_logp`, `ref_logp` and `loss_weights` are
-  `rollout_logp` are set on loss positions and 0 elsewhere; `old_logp[r, t]` is the log-prob of `targets[r, t]`.
+  and its last response token is input only. `advantages`, `old_logp`, `ref_logp`, `loss_weights` and
+  `is_weights` are set on loss positions and 0 elsewhere; `old_logp[r, t]` is the log-prob of `targets[r, t]`.
 - `loss_weights` (see `math.sequence_token_weights`) make the loss of the whole batch a plain weighted token
   sum, sum(loss_weights * token_loss), so cutting the rows into micro-batches and adding up their weighted
   sums gives the same loss and gradient. The KL and entropy terms use the same weights (verl aggregates them
@@ -59,7 +59,6 @@ class PackItem(NamedTuple):
     advantage: float
     old_logp: np.ndarray | None = None  # [len(response_ids)]: log-prob of each response token, if known
     ref_logp: np.ndarray | None = None  # same, under the reference policy (KL on)
-    rollout_logp: np.ndarray | None = None  # same, as the rollout engine reported them (off-policy correction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +79,8 @@ class PackedBatch:
     item_length: np.ndarray  # int32 [items]: prompt + response tokens
     item_prompt_length: np.ndarray  # int32 [items]
     row_lengths: np.ndarray  # int32 [rows]: the slots of each row the train step computes (the rest are padding)
-    rollout_logp: np.ndarray | None = None  # float32 [rows, length]; None when no item carried them
+    # float32 [rows, length]: the rollout correction's importance weights (`corrected`); None: none
+    is_weights: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -120,7 +120,7 @@ class PackedBatch:
         """Every [rows, length] array by name (the optional log-probs only when present), e.g. to device_put
         them all with one batch sharding."""
         names = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages", "loss_weights",
-                 "old_logp", "ref_logp", "rollout_logp")
+                 "old_logp", "ref_logp", "is_weights")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def response_values(self, per_token: np.ndarray) -> list[np.ndarray]:
@@ -134,6 +134,35 @@ class PackedBatch:
             first = start + prompt_length - 1
             out.append(values[row, first : first + length - prompt_length].copy())
         return out
+
+    def token_values(self, per_item: Sequence[np.ndarray]) -> np.ndarray:
+        """The inverse of `response_values`: one [response length] array per item into a [rows, length] float32
+        array aligned like `loss_mask`, 0 elsewhere."""
+        out = np.zeros(self.tokens.shape, np.float32)
+        for values, row, start, length, prompt_length in zip(
+            per_item, self.item_row, self.item_start, self.item_length, self.item_prompt_length
+        ):
+            first = start + prompt_length - 1
+            out[row, first : first + length - prompt_length] = values
+        return out
+
+    def corrected(
+        self, weights: Sequence[np.ndarray] | None, keep: Sequence[np.ndarray] | None, *, loss_agg_mode: str,
+        max_response_len: int | None = None,
+    ) -> PackedBatch:
+        """This batch with a rollout correction (grpo/rollout_correction.py): per item, token `weights` (None:
+        none) and kept tokens `keep` (None: all). A rejected token leaves the loss mask, and the loss weights are
+        recomputed over the kept tokens (`loss_agg_mode` and `max_response_len` as packed), so the aggregation's
+        normalisers count only them, as verl's rejection-masked response mask does."""
+        changes = {}
+        if weights is not None:
+            changes["is_weights"] = self.token_values(weights)
+        if keep is not None:
+            counts = np.array([np.count_nonzero(k) for k in keep])
+            per_item = np.asarray(sequence_token_weights(counts, loss_agg_mode, max_len=max_response_len))
+            changes["loss_mask"] = self.token_values(keep)
+            changes["loss_weights"] = self.token_values([k * w for k, w in zip(keep, per_item)])
+        return dataclasses.replace(self, **changes)
 
 
 def row_length_buckets(max_length: int, min_length: int = 256) -> tuple[int, ...]:
@@ -195,10 +224,8 @@ def pack_samples(
     loss_weights = np.zeros(shape, np.float32)
     has_old = items[0].old_logp is not None
     has_ref = items[0].ref_logp is not None
-    has_rollout = items[0].rollout_logp is not None
     old_logp = np.zeros(shape, np.float32) if has_old else None
     ref_logp = np.zeros(shape, np.float32) if has_ref else None
-    rollout_logp = np.zeros(shape, np.float32) if has_rollout else None
     item_row = np.zeros(len(items), np.int32)
     item_start = np.zeros(len(items), np.int32)
 
@@ -225,8 +252,6 @@ def pack_samples(
                 old_logp[row, loss] = item.old_logp
             if has_ref:
                 ref_logp[row, loss] = item.ref_logp
-            if has_rollout:
-                rollout_logp[row, loss] = item.rollout_logp
             item_row[index], item_start[index] = row, start
             start += length
 
@@ -245,12 +270,11 @@ def pack_samples(
         item_length=np.array(lengths, np.int32),
         item_prompt_length=np.array([len(item.prompt_ids) for item in items], np.int32),
         row_lengths=row_lengths,
-        rollout_logp=rollout_logp,
     )
 
 
 def _check_items(items: list[PackItem]) -> None:
-    for field in ("old_logp", "ref_logp", "rollout_logp"):
+    for field in ("old_logp", "ref_logp"):
         present = [getattr(item, field) is not None for item in items]
         if any(present) and not all(present):
             raise KiminaError(f"pack_samples: item {present.index(not present[0])} differs from item 0 in "
@@ -259,7 +283,7 @@ def _check_items(items: list[PackItem]) -> None:
         if len(item.prompt_ids) == 0:
             raise KiminaError(f"pack_samples: item {index} has an empty prompt (the first response token "
                               "needs a position to be predicted from)")
-        for field in ("old_logp", "ref_logp", "rollout_logp"):
+        for field in ("old_logp", "ref_logp"):
             values = getattr(item, field)
             if values is not None and np.shape(values) != (len(item.response_ids),):
                 raise KiminaError(f"pack_samples: item {index} `{field}` has shape {np.shape(values)}, expected "

@@ -29,6 +29,7 @@ from kimina_jax.grpo.logprobs import token_logprobs
 from kimina_jax.grpo.math import grpo_loss
 from kimina_jax.grpo.optimizer import learning_rate_schedule, make_optimizer, with_learning_rate
 from kimina_jax.grpo.packing import PackedBatch
+from kimina_jax.grpo.rollout_correction import importance_level
 from kimina_jax.models import Qwen3ForCausalLM
 from kimina_jax.parallel import logical_sharding, make_mesh, num_shards, param_shardings
 
@@ -51,11 +52,13 @@ class TrainState:
 
 
 def micro_batch_loss(
-    model: Qwen3ForCausalLM, micro: dict[str, jax.Array], algorithm: AlgorithmConfig, temperature: float
+    model: Qwen3ForCausalLM, micro: dict[str, jax.Array], algorithm: AlgorithmConfig, temperature: float,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`math.grpo_loss` of one micro-batch ([rows, length] arrays of a `PackedBatch`, aggregated with its
-    `loss_weights`): the policy's log-probs (and entropies, only when `entropy_coeff` is not 0) from the chunked
-    pass, the reference's and the engine's log-probs when the batch carries them (KL on; off-policy correction)."""
+    `loss_weights`, sequences by its `segment_ids`) with `algorithm.policy_loss`: the policy's log-probs (and
+    entropies, only when `entropy_coeff` is not 0) from the chunked pass, the reference's log-probs and the
+    rollout correction's weights when the batch carries them; `key`: the loss's randomness (clip_cov)."""
     logp, entropy = token_logprobs(
         model, micro["tokens"], micro["positions"], micro["segment_ids"], micro["targets"],
         temperature, algorithm.logits_chunk_tokens, with_entropy=bool(algorithm.entropy_coeff),
@@ -63,9 +66,10 @@ def micro_batch_loss(
     return grpo_loss(
         logp, micro["old_logp"], micro["advantages"], micro["loss_mask"], micro["loss_weights"],
         clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, clip_c=algorithm.clip_c,
-        entropy=entropy, entropy_coeff=algorithm.entropy_coeff,
+        policy_loss=algorithm.policy_loss, options=algorithm.policy_loss_options, segment_ids=micro["segment_ids"],
+        key=key, is_weights=micro.get("is_weights"), entropy=entropy, entropy_coeff=algorithm.entropy_coeff,
         ref_logp=micro.get("ref_logp"), kl_coef=algorithm.kl.coef, kl_kind=algorithm.kl.kind,
-        rollout_logp=micro.get("rollout_logp"), tis_cap=algorithm.tis_cap, loss_scale=algorithm.loss_scale,
+        loss_scale=algorithm.loss_scale,
     )
 
 
@@ -76,15 +80,19 @@ def accumulate_gradients(
     micro_batches: dict[str, jax.Array],
     algorithm: AlgorithmConfig,
     temperature: float,
+    key: jax.Array | None = None,
 ) -> tuple[nnx.State, dict[str, jax.Array]]:
     """`totals` (gradients, metric sums) plus those of the loss of each micro-batch of `micro_batches` ([n, rows,
-    length] arrays); the weights are pre-normalised, so the sums over a mini-batch's micro-batches are its own."""
+    length] arrays); the weights are pre-normalised, so the sums over a mini-batch's micro-batches are its own.
+    `key` (folded with each micro-batch's index): the loss's randomness."""
+    key = jax.random.key(0) if key is None else key
     grad_fn = jax.grad(
-        lambda p, micro: micro_batch_loss(nnx.merge(graphdef, p), micro, algorithm, temperature), has_aux=True
+        lambda p, micro, k: micro_batch_loss(nnx.merge(graphdef, p), micro, algorithm, temperature, k), has_aux=True
     )
 
     def body(index, totals):
-        return jax.tree.map(jnp.add, totals, grad_fn(params, _micro_batch(micro_batches, index)))
+        micro = _micro_batch(micro_batches, index)
+        return jax.tree.map(jnp.add, totals, grad_fn(params, micro, jax.random.fold_in(key, index)))
 
     return jax.lax.fori_loop(0, micro_batches["tokens"].shape[0], body, totals)
 
@@ -112,7 +120,7 @@ class TrainStep:
         """`model` gives the architecture (an abstract model is enough); `temperature` is the rollout's;
         `total_steps` (training steps of the run) sets the cosine schedule's length; `mesh` defaults to the
         first device alone; `stale_rollouts`: rollouts may come from older weights than the step's (partial
-        rollouts), so the engine's log-probs correct the loss as off-policy's do."""
+        rollouts), which the rollout correction's `auto` level treats as off-policy's."""
         if algorithm.micro_batch_rows < 1:
             raise KiminaError(f"algorithm.micro_batch_rows must be >= 1, got {algorithm.micro_batch_rows}")
         if temperature <= 0:
@@ -131,7 +139,7 @@ class TrainStep:
 
         # The arrays `update` takes from a packed batch.
         self.update_inputs = (*UPDATE_INPUTS, *("ref_logp",) * algorithm.kl.enabled,
-                              *("rollout_logp",) * self.uses_rollout_logp)
+                              *("is_weights",) * self.uses_is_weights)
 
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._micro_sharding = logical_sharding(self.mesh, (None, "batch", "length"))
@@ -140,7 +148,8 @@ class TrainStep:
                                     out_shardings=totals)
         self._accumulate = jax.jit(
             self._accumulate_fn,
-            in_shardings=(self.state_shardings.params, totals, self._micro_sharding),
+            in_shardings=(self.state_shardings.params, totals, self._micro_sharding, replicated, replicated,
+                          replicated),
             out_shardings=totals,
             donate_argnums=1,
         )
@@ -159,9 +168,15 @@ class TrainStep:
 
     # ------------------------------------------------------------------------------------------- public
     @property
-    def uses_rollout_logp(self) -> bool:
-        """Whether `update` corrects the policy loss with the engine's log-probs (truncated importance sampling)."""
-        return (self.algorithm.off_policy or self.stale_rollouts) and self.algorithm.tis_cap > 0
+    def off_policy(self) -> bool:
+        """Whether rollouts may come from older weights than the step's (off-policy or partial rollouts)."""
+        return self.algorithm.off_policy or self.stale_rollouts
+
+    @property
+    def uses_is_weights(self) -> bool:
+        """Whether `update` weights the policy loss by the rollout correction's importance weights
+        (`PackedBatch.corrected`)."""
+        return importance_level(self.algorithm.rollout_correction, self.off_policy) is not None
 
     def init_state(self, model: Qwen3ForCausalLM, seed: int = 0) -> TrainState:
         """The model's parameters placed on the mesh, fresh optimizer state (sharded like the parameters).
@@ -187,15 +202,15 @@ class TrainStep:
         Returns the new state and SPEC 9 metrics as device scalars (`jax.device_get` them when logging):
         actor/pg_loss (the mini-batch loss), actor/{pg_clipfrac,pg_clipfrac_lower,ppo_kl} (means over
         the mini-batch's loss tokens), actor/grad_norm (before clipping), actor/lr (of this update),
-        actor/skipped_updates (so far), actor/{kl_loss,kl_coef} when the KL term is on, and actor/tis_weight
-        (token mean) when the off-policy correction is (`uses_rollout_logp`). An update whose gradient
-        norm is not finite leaves parameters and optimizer state as they were.
+        actor/skipped_updates (so far) and actor/{kl_loss,kl_coef} when the KL term is on. An update whose
+        gradient norm is not finite leaves parameters and optimizer state as they were.
         """
         runs = self._device_runs(batch, self._update_names(batch))
         with jax.set_mesh(self.mesh):  # attention kernels split themselves by this mesh
             totals = self._zero_totals(state.params)
-            for _, micro_batches in runs:  # dispatched without waiting: the calls queue on the devices
-                totals = self._accumulate(state.params, totals, micro_batches)
+            for run, (_, micro_batches) in enumerate(runs):  # dispatched without waiting: the calls queue
+                totals = self._accumulate(state.params, totals, micro_batches, state.rng, state.step,
+                                          self._replicated_scalar(run))
             return self._apply(state, totals, self._replicated_scalar(train_step))
 
     def update_epochs(
@@ -217,7 +232,8 @@ class TrainStep:
         `.compile().memory_analysis()`: where activations peak."""
         _, micro_batches = self._device_runs(batch, self._update_names(batch))[0]
         with jax.set_mesh(self.mesh):
-            return self._accumulate.lower(state.params, self._zero_totals(state.params), micro_batches)
+            return self._accumulate.lower(state.params, self._zero_totals(state.params), micro_batches, state.rng,
+                                          state.step, self._replicated_scalar(0))
 
     def abstract_state(self) -> TrainState:
         """What `init_state` makes, as shape, dtype and sharding only (nothing allocated): to compile the step's
@@ -243,7 +259,7 @@ class TrainStep:
                              (self.state_shardings.params, NamedSharding(self.mesh, PartitionSpec())))
             train_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, PartitionSpec()))
             programs = {
-                "update": self._accumulate.lower(state.params, totals, micro),
+                "update": self._accumulate.lower(state.params, totals, micro, state.rng, state.step, train_step),
                 "apply": self._apply.lower(state, totals, train_step),
                 "old_logprobs": self._logprobs.lower(state.params, logprob_inputs, True),
             }
@@ -278,9 +294,12 @@ class TrainStep:
         return jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
 
     def _accumulate_fn(self, params: nnx.State, totals: tuple[nnx.State, dict[str, jax.Array]],
-                       micro_batches: dict[str, jax.Array]):
+                       micro_batches: dict[str, jax.Array], rng: jax.Array, step: jax.Array, run: jax.Array):
         self.compilations["update"] += 1
-        return accumulate_gradients(self.graphdef, params, totals, micro_batches, self.algorithm, self.temperature)
+        # Randomness (clip_cov's) per update and run of micro-batches, the same after a resume.
+        key = jax.random.fold_in(jax.random.fold_in(rng, step), run)
+        return accumulate_gradients(self.graphdef, params, totals, micro_batches, self.algorithm, self.temperature,
+                                    key)
 
     def _apply_fn(self, state: TrainState, totals: tuple[nnx.State, dict[str, jax.Array]], train_step: jax.Array):
         self.compilations["apply"] += 1
@@ -305,8 +324,6 @@ class TrainStep:
         if "kl_loss" in sums:
             metrics["actor/kl_loss"] = sums["kl_loss"]
             metrics["actor/kl_coef"] = jnp.float32(self.algorithm.kl.coef)
-        if "tis_weight" in sums:
-            metrics["actor/tis_weight"] = sums["tis_weight"] / tokens
         metrics.update({
             "actor/grad_norm": grad_norm,
             "actor/lr": learning_rate,
@@ -336,9 +353,9 @@ class TrainStep:
             raise KiminaError("TrainStep.update: the packed batch has no old_logp (pack items with old log-probs)")
         if self.algorithm.kl.enabled and batch.ref_logp is None:
             raise KiminaError("TrainStep.update: algorithm.kl.enabled but the packed batch has no ref_logp")
-        if self.uses_rollout_logp and batch.rollout_logp is None:
-            raise KiminaError("TrainStep.update: off-policy or partial rollouts with tis_cap > 0, but the packed batch has "
-                              "no rollout_logp (pack items with the engine's log-probs)")
+        if self.uses_is_weights and batch.is_weights is None:
+            raise KiminaError("TrainStep.update: the rollout correction weights the loss (algorithm.rollout_correction"
+                              ".rollout_is), but the packed batch has no is_weights (see PackedBatch.corrected)")
         return self.update_inputs
 
     def _state_shardings(self, abstract_params: nnx.State) -> TrainState:
