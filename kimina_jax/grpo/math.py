@@ -298,8 +298,9 @@ def policy_token_losses(
     """Loss `name`'s per-token loss with `options` (over verl's defaults: `config.policy_loss_options`), times the
     rollout correction's `is_weights` when given, and the per-token indicators of all of `POLICY_METRICS` (0 where
     the loss has none, as verl reports none)."""
+    values = policy_loss_options(name, options)  # an unknown loss or option fails here, by name
     spec = POLICY_LOSSES[name]
-    loss, indicators = spec.token_loss(inputs, **policy_loss_options(name, options))
+    loss, indicators = spec.token_loss(inputs, **values)
     if is_weights is not None:
         weights = jnp.asarray(is_weights, jnp.float32)
         if spec.sequence_is_weights:
@@ -327,12 +328,11 @@ def compute_policy_loss(
     clip_cov's random pick, `rng` (a key). Returns (loss, {pg_clipfrac, ppo_kl, pg_clipfrac_lower}: masked means).
     """
     is_weights = options.pop("rollout_is_weights", None)
+    # `rng` is an option of the losses that draw (clip_cov); for any other it is refused like an unknown option.
     key = options.pop("rng") if name in POLICY_LOSSES and POLICY_LOSSES[name].random and "rng" in options else None
-    policy_loss_options(name, options)  # an unknown loss or option (`rng` too, but for clip_cov) fails here
     inputs = _inputs(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, key=key)
     token_loss, indicators = policy_token_losses(name, inputs, options, is_weights)
-    mode = POLICY_LOSSES[name].agg_mode or agg_mode
-    loss = aggregate_loss(token_loss, inputs.mask, mode, max_len)
+    loss = aggregate_loss(token_loss, inputs.mask, effective_agg_mode(name, agg_mode), max_len)
     return loss, {metric: masked_mean(value, inputs.mask) for metric, value in indicators.items()}
 
 

@@ -127,24 +127,25 @@ class PackedBatch:
         """Cut a [rows, length] array aligned like `loss_mask` (e.g. recomputed log-probs) back into one
         [response length] array per item, in the order the items were given."""
         values = np.asarray(per_token)
-        out = []
-        for row, start, length, prompt_length in zip(
-            self.item_row, self.item_start, self.item_length, self.item_prompt_length
-        ):
-            first = start + prompt_length - 1
-            out.append(values[row, first : first + length - prompt_length].copy())
-        return out
+        return [values[row, span].copy() for row, span in self._response_spans()]
 
     def token_values(self, per_item: Sequence[np.ndarray]) -> np.ndarray:
         """The inverse of `response_values`: one [response length] array per item into a [rows, length] float32
         array aligned like `loss_mask`, 0 elsewhere."""
         out = np.zeros(self.tokens.shape, np.float32)
-        for values, row, start, length, prompt_length in zip(
-            per_item, self.item_row, self.item_start, self.item_length, self.item_prompt_length
+        for values, (row, span) in zip(per_item, self._response_spans()):
+            out[row, span] = values
+        return out
+
+    def _response_spans(self) -> list[tuple[int, slice]]:
+        """Each item's row and loss positions (those of its response tokens' predictions), in item order."""
+        spans = []
+        for row, start, length, prompt_length in zip(
+            self.item_row, self.item_start, self.item_length, self.item_prompt_length
         ):
             first = start + prompt_length - 1
-            out[row, first : first + length - prompt_length] = values
-        return out
+            spans.append((row, slice(first, first + length - prompt_length)))
+        return spans
 
     def corrected(
         self, weights: Sequence[np.ndarray] | None, keep: Sequence[np.ndarray] | None, *, loss_agg_mode: str,

@@ -257,10 +257,11 @@ class TrainStep:
         with jax.set_mesh(self.mesh):
             totals = _placed(jax.eval_shape(self._zero_totals_fn, state.params),
                              (self.state_shardings.params, NamedSharding(self.mesh, PartitionSpec())))
-            train_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, PartitionSpec()))
+            scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(self.mesh, PartitionSpec()))
             programs = {
-                "update": self._accumulate.lower(state.params, totals, micro, state.rng, state.step, train_step),
-                "apply": self._apply.lower(state, totals, train_step),
+                # One int32 scalar shape: the run of micro-batches (update), the training step (apply).
+                "update": self._accumulate.lower(state.params, totals, micro, state.rng, state.step, scalar),
+                "apply": self._apply.lower(state, totals, scalar),
                 "old_logprobs": self._logprobs.lower(state.params, logprob_inputs, True),
             }
             if reference is not None:
