@@ -1,7 +1,5 @@
-"""Orbax checkpoints of a run: `<run_dir>/checkpoints/<step>/{params,opt_state,rng,loop,config}`.
-
-Beside them, `<run_dir>/model_files/` holds what a step needs to become a Hugging Face folder: the model's
-`config.json` and the tokenizer files (written once per run with `write_model_files`).
+"""Orbax checkpoints of a run's training state: `<run_dir>/checkpoints/<step>/{params,opt_state,rng,loop,config}`
+(the rest of the run folder is run_folder.py's).
 
 A step folder exists whole or not at all: orbax writes into a temporary folder and renames it when complete,
 so a process killed mid-write leaves the previous checkpoints usable (a `Checkpointer` opened on the run
@@ -13,9 +11,7 @@ places each shard on its device, across hosts too. Every process of a multi-host
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +19,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from kimina_jax.config import TINY
 from kimina_jax.errors import KiminaError
 
 ITEMS = ("params", "opt_state", "rng", "loop", "config")
-MODEL_FILES = "model_files"
-RUN_RECORDS = ("config.yaml", MODEL_FILES, "checkpoints", "tensorboard", "rollouts")  # what one run writes
-# The settings a checkpoint's parameters, optimizer state and data position were made for (dotted prefixes).
-RESUME_KEYS = ("model.path", "model.param_dtype", "model.tiny", "data.tokenizer")
+CHECKPOINTS = "checkpoints"  # the folder of a run folder that holds the step folders
 
 
 @dataclasses.dataclass
@@ -47,7 +39,7 @@ class Checkpointer:
     """Saves and restores a run's training state; keeps the newest `keep` checkpoints."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = Path(run_dir).absolute() / CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -124,118 +116,13 @@ def load_params(step_dir: str | os.PathLike, target: Any = None) -> Any:
         return checkpointer.restore(path, jax.tree.map(_on_default_device_if_unplaced, target))
 
 
-def saved_steps(run_dir: str | os.PathLike) -> list[int]:
-    """The steps of the run folder's checkpoints, oldest first (a step folder exists only once written whole)."""
-    folder = Path(run_dir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit() and p.is_dir())
-
-
-def step_folder(path: str | os.PathLike, flag: str) -> Path | None:
-    """The checkpoint step folder `path` names: itself, or a run folder's newest step; None when it is neither."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        steps = saved_steps(path)
-        if not steps:
-            raise KiminaError(f"{flag} {path}: the run folder has no checkpoint yet")
-        path = path / "checkpoints" / str(steps[-1])
-    return path if (path / "params").is_dir() else None
-
-
-def writable_folder(path: str | os.PathLike, flag: str) -> Path:
-    """`path`, created if need be (an output folder: the run's, evaluation's, export's); KiminaError naming `flag`
-    and the path when it is a file or cannot be written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise KiminaError(f"{flag} {path}: is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise KiminaError(f"{flag} {path}: cannot create it ({err.strerror})") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise KiminaError(f"{flag} {path}: not writable")
-    return path
-
-
-def claim_run_dir(run_dir: str | os.PathLike, config: dict, hf_config: dict, resume: str, is_main: bool) -> None:
-    """Before a run writes its records into `run_dir`: with `resume` 'never', an earlier run's records are moved to
-    `<run_dir>/previous/<UTC time>/` (by process 0); with 'auto', KiminaError naming every setting the newest
-    checkpoint depends on (RESUME_KEYS, the model's `config.json`) that `config` / `hf_config` change."""
-    run_dir = Path(run_dir)
-    steps = saved_steps(run_dir)
-    if not steps:
-        return
-    if resume == "never":
-        if is_main:
-            aside = run_dir / "previous" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            aside.mkdir(parents=True)
-            for name in RUN_RECORDS:
-                if (run_dir / name).exists():
-                    (run_dir / name).rename(aside / name)
-        return
-    saved = load_config_dict(run_dir / "checkpoints" / str(steps[-1]))
-    keys = RESUME_KEYS if config["model"]["path"] == TINY else tuple(k for k in RESUME_KEYS if k != "model.tiny")
-    was, now = _flat(saved), _flat(config)
-    differ = [f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(was) | set(now))
-              if k.startswith(keys) and was.get(k) != now.get(k)]
-    files = run_dir / MODEL_FILES / "config.json"
-    if files.is_file():
-        was, now = json.loads(files.read_text(encoding="utf-8")), json.loads(json.dumps(hf_config))
-        differ += [f"{MODEL_FILES}/config.json {k}: {was.get(k)!r} there, {now.get(k)!r} now"
-                   for k in sorted(set(was) & set(now)) if was[k] != now[k]]  # keys of other versions aside
-    if differ:
-        raise KiminaError(
-            f"{run_dir} holds a run (checkpoints up to step {steps[-1]}) made with other settings than this config's: "
-            f"{'; '.join(differ)}. Resume with the run's settings, use another --run-dir, or pass trainer.resume=never "
-            "to start a new run there (the earlier run's records move to <run_dir>/previous/)"
-        )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def write_model_files(run_dir: str | os.PathLike, hf_config: dict, tokenizer) -> Path:
-    """Write the model's HF `config.json` and the tokenizer files to `<run_dir>/model_files` (call on process 0)."""
-    folder = Path(run_dir) / MODEL_FILES
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-def load_model_for_export(step_dir: str | os.PathLike):
-    """(Qwen3ForCausalLM with the step's parameters, folder holding the tokenizer files) for `kimina_jax.export`.
-
-    The parameters must have been saved as `nnx.state(model, nnx.Param)`; they are restored in the saved
-    config's `model.param_dtype`.
-    """
-    from flax import nnx
-
-    from kimina_jax.models import Qwen3Config, abstract_model
-    from kimina_jax.models.hf import to_jax_dtype
-
-    step_dir = Path(step_dir)
-    files = step_dir.absolute().parent.parent / MODEL_FILES
-    if not (files / "config.json").is_file():
-        raise KiminaError(f"'{step_dir}': its run folder has no {MODEL_FILES}/config.json (written as training starts)")
-    dtype = to_jax_dtype(load_config_dict(step_dir).get("model", {}).get("param_dtype", "float32"))
-    model = abstract_model(Qwen3Config.from_pretrained(files), dtype=dtype, param_dtype=dtype)
-    target = nnx.state(model, nnx.Param)
+def saved_param_shapes(step_dir: str | os.PathLike) -> dict[str, tuple]:
+    """Parameter name -> shape of one checkpoint's saved parameters, read from its metadata (no array loaded)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        saved = _shapes(checkpointer.metadata(step_dir.absolute() / "params").item_metadata)
-    differ = [f"{name}: {saved.get(name)} saved, {shape} in config.json"
-              for name, shape in _shapes(nnx.to_pure_dict(target)).items() if saved.get(name) != shape]
-    if differ:
-        raise KiminaError(f"'{step_dir}': its parameters do not fit {files / 'config.json'} (rewritten by a later "
-                          f"run in that folder?): {'; '.join(differ[:5])}")
-    nnx.update(model, load_params(step_dir, target))
-    return model, files
+        return param_shapes(checkpointer.metadata(Path(step_dir).absolute() / "params").item_metadata)
 
 
-def _shapes(tree: Any) -> dict[str, tuple]:
+def param_shapes(tree: Any) -> dict[str, tuple]:
     """Parameter name -> shape of a nested dict of arrays (or array metadata, where each sits under a `value` key)."""
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     return {"/".join(str(k.key) for k in path if k.key != "value"): tuple(x.shape) for path, x in leaves}

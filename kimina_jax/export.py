@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kimina_jax.checkpoint import load_model_for_export, step_folder, writable_folder
+from kimina_jax.run_folder import load_model_for_export, step_folder, writable_folder
 from kimina_jax.errors import KiminaError
 from kimina_jax.models import load_hf_checkpoint, save_hf_checkpoint
 from kimina_jax.models.hf import TOKENIZER_FILES

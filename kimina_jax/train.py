@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from kimina_jax import metrics as stats
-from kimina_jax.checkpoint import Checkpointer, claim_run_dir, saved_steps, writable_folder, write_model_files
+from kimina_jax.checkpoint import Checkpointer
+from kimina_jax.run_folder import claim_run_dir, saved_steps, writable_folder, write_model_files
 from kimina_jax.config import TINY, TrainConfig, config_to_dict, parse_cli, save_resolved, validate_for_devices
 from kimina_jax.data import PromptRenderer, build_fix_prompts, load_prompt_dataset, load_tokenizer, train_iterator
 from kimina_jax.errors import KiminaError, VerifierError

@@ -2,28 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import typing
 from pathlib import Path
 
+import annotated_types
 import pytest
 import yaml
 
 from kimina_jax.config import (
     POLICY_LOSS_NAMES,
     POLICY_LOSS_OPTIONS,
-    RANGES,
     policy_loss_options,
     RECIPE_DIR,
     EvalRunConfig,
     TrainConfig,
     config_to_dict,
     load_config,
+    load_eval_config,
     parse_cli,
     save_resolved,
     validate_for_devices,
 )
+from kimina_jax.config.ranges import range_of
 from kimina_jax.errors import KiminaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,18 +195,54 @@ def test_top_k_zero_is_off_as_in_vllm():
 
 
 def _numeric_keys(cls, prefix=""):
-    for name, tp in typing.get_type_hints(cls).items():
-        args = {tp, *typing.get_args(tp), *(a for arg in typing.get_args(tp) for a in typing.get_args(arg))}
-        if dataclasses.is_dataclass(tp):
-            yield from _numeric_keys(tp, f"{prefix}{name}.")
-        elif typing.get_origin(tp) is dict:
+    """(dotted key, section class, field name, annotation with its metadata) of every numeric key, recursively."""
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        plain = typing.get_type_hints(cls)[name]
+        args = {plain, *typing.get_args(plain), *(a for arg in typing.get_args(plain) for a in typing.get_args(arg))}
+        if dataclasses.is_dataclass(plain):
+            yield from _numeric_keys(plain, f"{prefix}{name}.")
+        elif typing.get_origin(plain) is dict:
             continue  # algorithm.policy_loss_options: each loss's ranges are in POLICY_LOSS_OPTIONS (next test)
         elif {int, float} & args:
-            yield f"{prefix}{name}"
+            yield f"{prefix}{name}", cls, name, tp
 
 
-def test_every_numeric_key_has_a_range():
-    assert {*_numeric_keys(TrainConfig), *_numeric_keys(EvalRunConfig, "eval.")} == set(RANGES)
+def _declared_constraints(tp):
+    """The annotated-types constraints written on an annotation, inside `X | None` and `list[X]` too."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return [m for m in tp.__metadata__ if isinstance(m, annotated_types.BaseMetadata)
+                or isinstance(m, annotated_types.GroupedMetadata)]
+    return [m for arg in typing.get_args(tp) for m in _declared_constraints(arg)]
+
+
+NUMERIC_KEYS = [*_numeric_keys(TrainConfig), *_numeric_keys(EvalRunConfig, "eval.")]
+
+
+def test_every_numeric_key_declares_its_range_where_it_is_declared():
+    undeclared = [key for key, _, _, tp in NUMERIC_KEYS if not _declared_constraints(tp)]
+    assert len(NUMERIC_KEYS) > 90 and undeclared == []
+
+
+def _settable(cls, name):
+    return "derived_from" not in {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+
+
+@pytest.mark.parametrize("key", [key for key, cls, name, _ in NUMERIC_KEYS if _settable(cls, name)])
+def test_every_declared_range_is_enforced_naming_the_key(key):
+    _, cls, name, _ = next(entry for entry in NUMERIC_KEYS if entry[0] == key)
+    allowed = range_of(cls, name)
+    integral = "int" in str(typing.get_type_hints(cls)[name])
+    bad = next(v for v in (-2, 0, 0.5, 1, 1.5, 16, -1e9, 1e9) if not allowed.allows(v) and (v == int(v) or not integral))
+    if key.startswith("eval."):
+        value = f"[{bad}]" if key == "eval.k" else bad
+        with pytest.raises(KiminaError, match=f"'{re.escape(key)}' must be "):
+            load_eval_config(None, ["eval.model=m", "eval.dataset.files=[d.jsonl]", f"{key}={value}"], env={})
+        return
+    overrides = [f"{key}={bad}"]
+    if key == "algorithm.rollout_correction.rollout_rs_threshold":
+        overrides.append("algorithm.rollout_correction.rollout_rs=token_k2")
+    with pytest.raises(KiminaError, match=f"'{re.escape(key)}' must be "):
+        load_config("tiny", overrides, env={})
 
 
 def test_every_policy_loss_option_has_a_default_and_a_range():

@@ -23,7 +23,8 @@ import optax
 import pytest
 from flax import nnx
 
-from kimina_jax.checkpoint import Checkpointer, write_model_files
+from kimina_jax.checkpoint import Checkpointer
+from kimina_jax.run_folder import write_model_files
 from kimina_jax.config import DatasetConfig, ErrorFixConfig, TinyModelConfig
 from kimina_jax.data import PromptRenderer, build_fix_prompts, build_tiny_tokenizer, load_prompt_dataset
 from kimina_jax.eval import fix_targets, summarize, validate

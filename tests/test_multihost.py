@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kimina_jax.checkpoint import load_model_for_export
+from kimina_jax.run_folder import load_model_for_export
 from kimina_jax.parallel import parse_distributed_flags
 from tests.lean_harness.server import free_port
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from kimina_jax import train
-from kimina_jax.checkpoint import load_params, saved_steps
+from kimina_jax.checkpoint import load_params
+from kimina_jax.run_folder import saved_steps
 from kimina_jax.config import TinyModelConfig, config_to_dict, load_config, save_resolved
 from kimina_jax.errors import KiminaError
 from kimina_jax.reward.lean_client import LeanClient

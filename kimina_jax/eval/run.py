@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kimina_jax.checkpoint import MODEL_FILES, load_config_dict, load_model_for_export, step_folder, writable_folder
+from kimina_jax.checkpoint import load_config_dict
+from kimina_jax.run_folder import MODEL_FILES, load_model_for_export, step_folder, writable_folder
 from kimina_jax.config import ENV_URL, EvalConfig, uses_lean
 from kimina_jax.data import PromptRenderer, load_prompt_dataset, load_tokenizer
 from kimina_jax.data.datasets import column_names
